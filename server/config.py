@@ -1,0 +1,55 @@
+"""Configuration: frozen dataclasses, and the only place that reads the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Quantize = Literal["auto", "nf4", "int8", "none"]
+Device = Literal["auto", "cuda", "cpu"]
+
+
+def default_cache_dir() -> Path:
+    """Where converted models are cached: $ADAPTERD_CACHE, else ~/.cache/adapterd."""
+    env = os.environ.get("ADAPTERD_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "adapterd"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load, and how."""
+
+    model: str = "default"
+    quantize: Quantize = "auto"
+    device: Device = "auto"
+    cache_dir: Path | None = None
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or default_cache_dir()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the engine: batch, KV cache and adapter slots."""
+
+    max_batch: int = 32
+    max_rank: int = 64
+    max_gpu_adapters: int = 16
+    max_soft_prompts: int = 16
+    max_virtual_tokens: int = 128
+    kv_block_size: int = 16
+    kv_cache_tokens: int = 16384
+    max_seq_len: int = 4096
+    max_prefill_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        assert self.max_batch >= 1 and self.max_rank >= 1
+        assert self.kv_block_size >= 1 and self.kv_cache_tokens >= self.kv_block_size
+        assert self.max_gpu_adapters >= 1 and self.max_soft_prompts >= 1
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_cache_tokens // self.kv_block_size

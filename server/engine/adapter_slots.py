@@ -1,0 +1,138 @@
+"""Fixed device slots for adapters: LoRA stacks and the soft-prompt pool, LRU over unpinned slots.
+
+An adapter is copied into a slot when a sequence that needs it is admitted, stays while any sequence uses
+it (pinned), and is evicted least-recently-used when a new one needs the room. Slots are keyed by the
+`LoadedAdapter` object itself, so a replaced adapter id never aliases the version running sequences use.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from adapterd.adapters.format import AdapterSpec
+
+if TYPE_CHECKING:
+    from adapterd.adapters.io import LoraWeights
+    from adapterd.server.config import EngineConfig
+    from adapterd.server.model.llama import LlamaModel
+
+_versions = itertools.count(1)
+
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """An adapter read from disk into host memory, ready to be placed into a device slot."""
+
+    adapter_id: str
+    spec: AdapterSpec
+    lora: LoraWeights | None = None
+    prompt: torch.Tensor | None = None  # [V, hidden]
+    version: int = field(default_factory=lambda: next(_versions))
+
+    @property
+    def is_lora(self) -> bool:
+        return self.lora is not None
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return 0 if self.prompt is None else self.prompt.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.spec.rank if self.is_lora else 0
+
+
+class SlotPool:
+    """`num_slots` slots; resident adapters in LRU order; pinned ones (in use) are never evicted."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.free = list(range(num_slots - 1, -1, -1))
+        self.resident: OrderedDict[LoadedAdapter, int] = OrderedDict()
+        self.pins: dict[LoadedAdapter, int] = {}
+        self.num_loads = 0
+        self.num_evictions = 0
+
+    def can_acquire(self, adapter: LoadedAdapter) -> bool:
+        return adapter in self.resident or bool(self.free) or self._victim() is not None
+
+    def acquire(self, adapter: LoadedAdapter) -> tuple[int, bool]:
+        """Pin `adapter` and return (its slot, whether the slot must be filled)."""
+        self.pins[adapter] = self.pins.get(adapter, 0) + 1
+        if adapter in self.resident:
+            self.resident.move_to_end(adapter)
+            return self.resident[adapter], False
+        if not self.free:
+            victim = self._victim()
+            assert victim is not None, "acquire() without can_acquire()"
+            self.free.append(self.resident.pop(victim))
+            self.num_evictions += 1
+        slot = self.free.pop()
+        self.resident[adapter] = slot
+        self.num_loads += 1
+        return slot, True
+
+    def release(self, adapter: LoadedAdapter) -> None:
+        self.pins[adapter] -= 1
+        if self.pins[adapter] == 0:
+            del self.pins[adapter]
+
+    def slot_of(self, adapter: LoadedAdapter) -> int:
+        return self.resident[adapter]
+
+    def _victim(self) -> LoadedAdapter | None:
+        return next((a for a in self.resident if a not in self.pins), None)
+
+
+class AdapterSlots:
+    """Owns the device copies of adapters; only the engine thread calls it."""
+
+    def __init__(self, model: LlamaModel, config: EngineConfig, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.max_rank = config.max_rank
+        self.lora = SlotPool(config.max_gpu_adapters)
+        self.prompts = SlotPool(config.max_soft_prompts)
+        self.linears = model.lora_linears()
+        for layer in self.linears:
+            for linear in layer.values():
+                linear.allocate_slots(config.max_gpu_adapters, config.max_rank, dtype, device)
+        hidden = model.config.hidden_size
+        model.soft_prompts = torch.zeros(
+            config.max_soft_prompts, config.max_virtual_tokens, hidden, dtype=dtype, device=device
+        )
+
+    def pool_of(self, adapter: LoadedAdapter) -> SlotPool:
+        return self.lora if adapter.is_lora else self.prompts
+
+    def can_place(self, adapter: LoadedAdapter | None) -> bool:
+        return adapter is None or self.pool_of(adapter).can_acquire(adapter)
+
+    def acquire(self, adapter: LoadedAdapter | None) -> None:
+        if adapter is None:
+            return
+        slot, needs_fill = self.pool_of(adapter).acquire(adapter)
+        if needs_fill:
+            self._fill(adapter, slot)
+
+    def release(self, adapter: LoadedAdapter | None) -> None:
+        if adapter is not None:
+            self.pool_of(adapter).release(adapter)
+
+    def slot_of(self, adapter: LoadedAdapter | None) -> int:
+        return -1 if adapter is None else self.pool_of(adapter).slot_of(adapter)
+
+    def _fill(self, adapter: LoadedAdapter, slot: int) -> None:
+        if adapter.prompt is not None:
+            assert self.model.soft_prompts is not None
+            self.model.soft_prompts[slot].zero_()
+            self.model.soft_prompts[slot, : adapter.prompt.shape[0]].copy_(adapter.prompt)
+            return
+        assert adapter.lora is not None
+        for layer_index, layer in enumerate(self.linears):
+            for name, linear in layer.items():
+                key = (layer_index, name)
+                linear.set_slot(slot, adapter.lora.a.get(key), adapter.lora.b.get(key))

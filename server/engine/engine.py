@@ -1,0 +1,128 @@
+"""The engine: one loop that owns the model. step() = schedule -> run -> sample -> postprocess."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adapterd.server.config import EngineConfig
+from adapterd.server.engine.adapter_slots import AdapterSlots, LoadedAdapter
+from adapterd.server.engine.detokenizer import Detokenizer
+from adapterd.server.engine.kv_cache import BlockAllocator
+from adapterd.server.engine.model_runner import ModelRunner
+from adapterd.server.engine.sampler import sample
+from adapterd.server.engine.scheduler import Scheduler
+from adapterd.server.engine.sequence import EventSink, Sequence
+from adapterd.server.errors import InvalidRequest
+from adapterd.server.model.llama import KVCache, LlamaModel
+from adapterd.server.protocol import SamplingParams, TokenEvent
+
+
+class LLMEngine:
+    """Synchronous and single-threaded: the `EngineLoop` thread is its only caller."""
+
+    def __init__(
+        self, model: LlamaModel, tokenizer: Any | None, eos_ids: set[int], config: EngineConfig
+    ) -> None:
+        device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_positions = getattr(model.config, "max_position_embeddings", config.max_seq_len)
+        self.adapters = AdapterSlots(model, config, dtype, device)
+        self.blocks = BlockAllocator(config.num_kv_blocks, config.kv_block_size)
+        kv = KVCache(model.config, config.num_kv_blocks * config.kv_block_size, dtype, device)
+        self.scheduler = Scheduler(config, self.blocks, self.adapters)
+        self.runner = ModelRunner(model, kv, self.adapters, config.kv_block_size)
+        self.num_generated_tokens = 0
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def check_fits(self, num_prompt_tokens: int, params: SamplingParams, adapter: LoadedAdapter | None) -> None:
+        """Refuse a request that could never fit the KV cache, the positions or the adapter limits."""
+        virtual = adapter.num_virtual_tokens if adapter else 0
+        needed = virtual + num_prompt_tokens + params.max_new_tokens
+        limit = min(self.config.kv_cache_tokens, self.config.max_seq_len, self.max_positions)
+        if num_prompt_tokens == 0:
+            raise InvalidRequest("the prompt is empty")
+        if needed > limit:
+            raise InvalidRequest(
+                f"prompt ({num_prompt_tokens} tokens{f' + {virtual} virtual' if virtual else ''}) plus "
+                f"max_new_tokens ({params.max_new_tokens}) is {needed} tokens; the limit is {limit}"
+            )
+        if adapter and adapter.num_virtual_tokens > self.config.max_virtual_tokens:
+            raise InvalidRequest(f"soft prompt has more than {self.config.max_virtual_tokens} virtual tokens")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: LoadedAdapter | None,
+        sink: EventSink,
+    ) -> Sequence:
+        self.check_fits(len(prompt_ids), params, adapter)
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            sink=sink,
+            detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
+            adapter=adapter,
+            generator=self._generator(params),
+        )
+        self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence between steps and free its cache and adapter slot."""
+        if seq.status.name != "FINISHED":
+            self.scheduler.finish(seq)
+            seq.sink(seq.finish("cancelled"))
+
+    def step(self) -> None:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return
+        logits = self.runner.run(seqs, is_prefill)
+        self.postprocess(seqs, sample(logits, seqs))
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        for seq, token_id in zip(seqs, token_ids, strict=True):
+            seq.output_ids.append(token_id)
+            self.num_generated_tokens += 1
+            text = seq.detokenizer.add(token_id)
+            reason = self._finish_reason(seq, token_id)
+            if reason:
+                text += seq.detokenizer.flush()
+            seq.sink(TokenEvent(token_id, text))
+            if reason:
+                self.scheduler.finish(seq)
+                seq.sink(seq.finish(reason))
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        if seq.detokenizer.stopped_at is not None:
+            return "stop"
+        if token_id in self.eos_ids and not seq.params.ignore_eos:
+            return "eos"
+        if len(seq.output_ids) >= seq.params.max_new_tokens:
+            return "length"
+        return None
+
+    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+        if params.is_greedy:
+            return None
+        generator = torch.Generator(device=self.runner.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        return generator
+
+    def fail_running(self, message: str) -> None:
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
+            seq.sink(seq.finish("error", message))

@@ -1,0 +1,68 @@
+"""A sequence: one request's tokens, its place in the KV cache, its adapter and its output stream."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import TYPE_CHECKING
+
+import torch
+
+from adapterd.server.protocol import Completion, FinishReason, SamplingParams, TokenEvent
+
+if TYPE_CHECKING:
+    from adapterd.server.engine.adapter_slots import LoadedAdapter
+    from adapterd.server.engine.detokenizer import Detokenizer
+
+EventSink = Callable[[TokenEvent | Completion], None]
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: EventSink
+    detokenizer: Detokenizer
+    adapter: LoadedAdapter | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # leading tokens whose K/V are in the cache
+    status: Status = Status.WAITING
+    is_cancelled: bool = False
+    generator: torch.Generator | None = None  # seeded sampling; None for greedy
+
+    @property
+    def num_virtual(self) -> int:
+        """Soft-prompt rows in front of the prompt: they take positions 0..V-1, as in PEFT."""
+        return self.adapter.num_virtual_tokens if self.adapter else 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_virtual + len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int) -> list[int]:
+        """Token ids from position `start` on; virtual positions hold 0 (their embedding is replaced)."""
+        ids = [0] * self.num_virtual + self.prompt_ids + self.output_ids
+        return ids[start:]
+
+    def finish(self, reason: FinishReason, error: str | None = None) -> Completion:
+        self.status = Status.FINISHED
+        return Completion(
+            request_id=self.request_id,
+            text=self.detokenizer.text,
+            token_ids=tuple(self.output_ids),
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt_ids),
+            error=error,
+        )

@@ -1,0 +1,38 @@
+"""One table of errors: each engine error knows its HTTP status and gRPC code."""
+
+from __future__ import annotations
+
+
+class AdapterdError(Exception):
+    """Base of every error a client may cause; never a 500."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    error_type = "invalid_request"
+
+
+class InvalidRequest(AdapterdError):
+    pass
+
+
+class AdapterNotFound(AdapterdError):
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+    error_type = "adapter_not_found"
+
+
+class InvalidAdapter(AdapterdError):
+    http_status = 422
+    error_type = "invalid_adapter"
+
+
+class Overloaded(AdapterdError):
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    error_type = "overloaded"
+
+
+class EngineStopped(AdapterdError):
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    error_type = "unavailable"

@@ -1,0 +1,154 @@
+"""The Python API: load a base model once, register adapters, generate (batched or streamed).
+
+    llm = LLM(model="default")
+    llm.add_adapter("sql", "/path/to/peft-adapter")
+    [out] = llm.generate([GenerateRequest(prompt="...", adapter_id="sql")])
+"""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from adapterd.adapters.format import BaseModelInfo
+from adapterd.server.config import EngineConfig, ModelConfig
+from adapterd.server.engine.adapter_slots import LoadedAdapter
+from adapterd.server.engine.engine import LLMEngine
+from adapterd.server.engine.loop import EngineLoop
+from adapterd.server.engine.sequence import EventSink, Sequence
+from adapterd.server.errors import InvalidRequest
+from adapterd.server.model.loader import Placement, load_model
+from adapterd.server.model.resolve import resolve_model
+from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
+from adapterd.server.registry import AdapterRegistry
+
+
+class RequestHandle:
+    """A submitted request: cancel it at any time."""
+
+    def __init__(self, loop: EngineLoop, seq: Future[Sequence]) -> None:
+        self._loop = loop
+        self._seq = seq
+
+    def cancel(self) -> None:
+        self._seq.add_done_callback(lambda f: f.exception() or self._loop.call(lambda e: e.cancel(f.result())))
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str = "default",
+        quantize: str = "auto",
+        device: str = "auto",
+        engine: EngineConfig | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        model_config = ModelConfig(model=model, quantize=quantize, device=device, cache_dir=cache_dir)  # type: ignore[arg-type]
+        self.engine_config = engine or EngineConfig()
+        resolved = resolve_model(model_config.model, model_config.resolved_cache_dir)
+        self.model_name = resolved.name
+        self.placement = Placement.resolve(model_config.device, model_config.quantize)
+        self.model = load_model(resolved.path, self.placement)
+        self.tokenizer = load_tokenizer(resolved.path)
+        self.base = BaseModelInfo.from_hf_config(self.model.config, resolved.name)
+        self.adapters = AdapterRegistry(self.base, self.engine_config.max_rank, self.placement.dtype)
+        eos = eos_token_ids(resolved.path, self.tokenizer, self.model.config)
+        self.engine = LLMEngine(self.model, self.tokenizer, eos, self.engine_config)
+        self.loop = EngineLoop(self.engine).start()
+
+    def add_adapter(self, adapter_id: str, path: str | Path) -> LoadedAdapter:
+        return self.adapters.add(adapter_id, path)
+
+    def remove_adapter(self, adapter_id: str) -> None:
+        self.adapters.remove(adapter_id)
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        if self.tokenizer is None:
+            raise InvalidRequest("this model has no tokenizer: send prompt_ids")
+        if request.messages is not None:
+            return encode_chat(self.tokenizer, list(request.messages))
+        return list(self.tokenizer(request.prompt).input_ids)
+
+    def submit(self, request: GenerateRequest, sink: EventSink) -> RequestHandle:
+        """Queue a request; events arrive on `sink` from the engine thread. Errors raise here."""
+        prompt_ids = self.encode(request)
+        adapter = self.adapters.resolve(request.adapter_id)
+        request_id = request.request_id or uuid.uuid4().hex
+        self.engine.check_fits(len(prompt_ids), request.params, adapter)
+        seq = self.loop.call(lambda e: e.add_request(request_id, prompt_ids, request.params, adapter, sink))
+        seq.result()  # surfaces a refusal from the engine thread as an exception here
+        return RequestHandle(self.loop, seq)
+
+    def stream(self, request: GenerateRequest) -> Iterator[TokenEvent | Completion]:
+        """Token events as they are produced, then the Completion. Leaving early cancels the request."""
+        events: queue.SimpleQueue[TokenEvent | Completion] = queue.SimpleQueue()
+        handle = self.submit(request, events.put)
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if isinstance(event, Completion):
+                    return
+        finally:
+            handle.cancel()
+
+    def generate(self, requests: Iterable[GenerateRequest]) -> list[Completion]:
+        """Run requests together in one continuous batch; results in input order."""
+        futures: list[Future[Completion]] = []
+        for request in requests:
+            future: Future[Completion] = Future()
+            futures.append(future)
+            self.submit(request, _completion_sink(future))
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        self.loop.stop()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _completion_sink(future: Future[Completion]) -> EventSink:
+    def sink(event: TokenEvent | Completion) -> None:
+        if isinstance(event, Completion):
+            future.set_result(event)
+
+    return sink
+
+
+def load_tokenizer(path: Path) -> Any | None:
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model"))
+    return AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template as text, then tokens: the same on transformers 4.x and 5.x."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequest("this model has no chat template: send a plain prompt")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def eos_token_ids(path: Path, tokenizer: Any | None, config: Any) -> set[int]:
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    candidates: list[Any] = [getattr(config, "eos_token_id", None)]
+    if tokenizer is not None:
+        candidates.append(tokenizer.eos_token_id)
+    if (path / "generation_config.json").exists():
+        candidates.append(GenerationConfig.from_pretrained(path).eos_token_id)
+    for item in candidates:
+        ids.update(item if isinstance(item, list) else [] if item is None else [item])
+    return ids

@@ -1,0 +1,32 @@
+"""The per-step input of the model: token ids, positions, KV-cache addresses and adapter slots.
+
+The engine builds one `ForwardBatch` per step. Rows are sequences, padded to the longest row of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [B, T] long; padding rows/columns hold 0
+    positions: torch.Tensor  # [B, T] long; position of each new token (soft-prompt rows count from 0)
+    write_slots: torch.Tensor  # [B, T] long; flat KV-cache slot of each new token, -1 for padding
+    read_slots: torch.Tensor  # [B, L] long; flat KV-cache slots of every key the row sees (prefix + new)
+    attn_mask: torch.Tensor  # [B, 1, T, L] bool; True where query t may attend to key l
+    last_index: torch.Tensor  # [B] long; column of each row's last real token (its logits are sampled)
+    lora_slots: torch.Tensor  # [B] long; GPU slot of each row's LoRA adapter, -1 for none
+    lora_rank: int  # largest rank among the rows' adapters, 0 when no row has a LoRA
+    prompt_slots: torch.Tensor  # [B] long; soft-prompt slot of each row, -1 for none
+    prompt_lengths: torch.Tensor  # [B] long; virtual tokens of each row's soft prompt, 0 for none
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_rank > 0
+
+    @property
+    def has_soft_prompts(self) -> bool:
+        return bool((self.prompt_slots >= 0).any())

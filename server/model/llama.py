@@ -1,0 +1,162 @@
+"""One Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, TinyLlama) for batched serving.
+
+Differences from the Hugging Face module it mirrors: every linear is a `LoRALinear` that adds each row's
+own adapter; attention reads and writes a paged KV cache addressed by flat slots; embeddings of rows with a
+soft prompt (Lester et al. 2021) take their first virtual-token rows from the soft-prompt pool. Rotary
+embeddings and RMSNorm are the transformers modules themselves, so positions and norms match bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from adapterd.server.model.batch import ForwardBatch
+from adapterd.server.model.lora import LoRALinear
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each decoder linear module."""
+    hidden, inter, hd = config.hidden_size, config.intermediate_size, head_dim_of(config)
+    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    return {
+        "q_proj": (hidden, q_out),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (q_out, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+class KVCache:
+    """Paged KV cache: per layer one flat pool of `num_blocks * block_size` token slots."""
+
+    def __init__(self, config: Any, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (config.num_hidden_layers, num_slots, config.num_key_value_heads, head_dim_of(config))
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Any, linears: dict[str, LoRALinear]) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.scale = self.head_dim**-0.5
+        self.q_proj, self.k_proj = linears["q_proj"], linears["k_proj"]
+        self.v_proj, self.o_proj = linears["v_proj"], linears["o_proj"]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        bsz, seq, _ = x.shape  # x: [B, T, hidden]
+        lora = (batch.lora_slots, batch.lora_rank)
+        q = self.q_proj(x, *lora).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x, *lora).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x, *lora).view(bsz, seq, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary_pos_emb(q, k, *rope)  # q: [B, H, T, D], k: [B, KVH, T, D]
+        is_real = batch.write_slots >= 0
+        k_cache[batch.write_slots[is_real]] = k.transpose(1, 2)[is_real].to(k_cache.dtype)
+        v_cache[batch.write_slots[is_real]] = v[is_real].to(v_cache.dtype)
+        keys = k_cache[batch.read_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
+        values = v_cache[batch.read_slots].transpose(1, 2).to(q.dtype)
+        groups = self.num_heads // self.num_kv_heads
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.attn_mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out, *lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Any, linears: dict[str, LoRALinear]) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (Llama family uses silu)")
+        self.gate_proj, self.up_proj = linears["gate_proj"], linears["up_proj"]
+        self.down_proj = linears["down_proj"]
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        lora = (batch.lora_slots, batch.lora_rank)
+        return self.down_proj(F.silu(self.gate_proj(x, *lora)) * self.up_proj(x, *lora), *lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Any, linears: dict[str, LoRALinear]) -> None:
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config, linears)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MLP(config, linears)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
+
+
+class LlamaModel(nn.Module):
+    """Decoder stack + LM head. Linear layers are built by the loader (plain or quantized)."""
+
+    def __init__(self, config: Any, layer_linears: list[dict[str, LoRALinear]]) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, linears) for linears in layer_linears)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.soft_prompts: torch.Tensor | None = None  # [P, V_max, hidden] once allocated
+
+    def lora_linears(self) -> list[dict[str, LoRALinear]]:
+        return [
+            {name: getattr(layer.self_attn if name in LINEAR_MODULES[:4] else layer.mlp, name)
+             for name in LINEAR_MODULES}
+            for layer in self.layers
+        ]
+
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)  # [B, T, hidden]
+        if self.soft_prompts is None or not batch.has_soft_prompts:
+            return x
+        is_virtual = (batch.prompt_slots[:, None] >= 0) & (batch.positions < batch.prompt_lengths[:, None])
+        rows = batch.prompt_slots[:, None].expand_as(batch.positions)[is_virtual]
+        x[is_virtual] = self.soft_prompts[rows, batch.positions[is_virtual]].to(x.dtype)
+        return x
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """Logits of each row's last real token: [B, vocab]."""
+        x = self.embed(batch)
+        rope = self.rotary_emb(x, batch.positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, batch, kv.k[i], kv.v[i])
+        last = x[torch.arange(x.shape[0], device=x.device), batch.last_index]  # [B, hidden]
+        return self.lm_head(self.norm(last)).float()

@@ -1,0 +1,60 @@
+"""Batched LoRA (Hu et al. 2021) applied per row: every row of a batch may use a different adapter.
+
+Adapters live in fixed slots of stacked, zero-padded tensors (one pair per targeted linear layer):
+`a[slot] : [in, R]`, `b[slot] : [R, out]`, the LoRA scale folded into b once when the slot is filled.
+Zero padding makes every rank fit one shape: the padded columns contribute exact zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def bgmv_reference(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """Batched gather matrix-vector LoRA delta, in plain torch.
+
+    Semantics: for each row i, delta[i] = x[i] @ a[slots[i], :, :rank] @ b[slots[i], :rank, :] if slots[i] >= 0
+    else 0. x: [B, T, in], a: [S, in, R], b: [S, R, out], slots: [B] -> [B, T, out].
+    """
+    has_adapter = slots >= 0
+    index = slots.clamp(min=0)
+    shrunk = torch.bmm(x, a[index, :, :rank])  # [B, T, rank]
+    delta = torch.bmm(shrunk, b[index, :rank, :])  # [B, T, out]
+    return delta * has_adapter.to(delta.dtype)[:, None, None]
+
+
+class LoRALinear(nn.Module):
+    """A base linear layer (plain or quantized, never modified) plus per-row LoRA from adapter slots."""
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lora_a: torch.Tensor | None = None  # [S, in, R] once allocated
+        self.lora_b: torch.Tensor | None = None  # [S, R, out]
+
+    def allocate_slots(self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lora_a = torch.zeros(num_slots, self.in_features, max_rank, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device)
+
+    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Copy one adapter's A [r, in] and scaled B [out, r] into `slot`; None clears it."""
+        assert self.lora_a is not None and self.lora_b is not None
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        if a is None or b is None:
+            return
+        rank = a.shape[0]
+        self.lora_a[slot, :, :rank].copy_(a.t())
+        self.lora_b[slot, :rank, :].copy_(b.t())
+
+    def forward(self, x: torch.Tensor, lora_slots: torch.Tensor | None = None, rank: int = 0) -> torch.Tensor:
+        y = self.base(x)
+        if rank == 0 or lora_slots is None or self.lora_a is None or self.lora_b is None:
+            return y
+        delta = bgmv_reference(x.to(self.lora_a.dtype), self.lora_a, self.lora_b, lora_slots, rank)
+        return y + delta.to(y.dtype)

@@ -1,0 +1,79 @@
+"""Request and event types shared by the engine and every front end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token. temperature 0 is greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop sequences must be non-empty strings"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One generation: a prompt as text, chat messages or token ids, and an optional adapter."""
+
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    adapter_id: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids))
+        if given != 1:
+            raise ValueError("give exactly one of prompt, messages or prompt_ids")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a request's stream: a new token and the text it completed (may be empty)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The end of a request's stream."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    error: str | None = None

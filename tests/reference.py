@@ -1,0 +1,167 @@
+"""Reference decodings and seeded PEFT adapters that parity tests compare adapterd against.
+
+LoRA: PEFT's `generate()` is the reference. Soft prompts: greedy decoding by full forward passes of the
+PEFT model (see tests/parity/test_peft_reference.py for why its `generate()` is not).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+
+DEFAULT_LORA_SCALE = 0.3
+
+
+def greedy_generate(
+    model: Any, input_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None
+) -> list[int]:
+    """New tokens of `model.generate` (greedy); stops after `eos_token_id` if given, never early otherwise."""
+    ids = torch.tensor([list(input_ids)])
+    pad_token_id = eos_token_id if eos_token_id is not None else _pad_token_id(model)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+    new_tokens = out[0, ids.shape[1] :].tolist()
+    assert eos_token_id is not None or len(new_tokens) == max_new_tokens, "generate() stopped early"
+    return new_tokens
+
+
+def greedy_forward(
+    model: Any, input_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None
+) -> list[int]:
+    """Greedy decoding by one full forward pass per token, without a KV cache."""
+    ids = list(input_ids)
+    new_tokens: list[int] = []
+    with torch.no_grad():
+        while len(new_tokens) < max_new_tokens:
+            t = torch.tensor([ids])
+            logits = model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=False).logits
+            token = int(logits[0, -1].argmax())
+            new_tokens.append(token)
+            ids.append(token)
+            if token == eos_token_id:
+                break
+    return new_tokens
+
+
+def load_base(base_dir: Path, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, quantization_config=quantization_config)
+    return model.eval()
+
+
+def load_peft(
+    base_dir: Path, adapter_dir: Path, dtype: torch.dtype = torch.float32, quantization_config: Any = None
+) -> PeftModel:
+    """The base model with the saved adapter, as PEFT loads it for inference."""
+    base = load_base(base_dir, dtype, quantization_config)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def make_lora_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    r: int,
+    alpha: float,
+    target_modules: str | list[str],
+    use_rslora: bool = False,
+    seed: int = 0,
+    scale: float = DEFAULT_LORA_SCALE,
+) -> Path:
+    """Save a LoRA adapter with seeded random A and B, each layer's update `scaling * B @ A` having
+    Frobenius norm `scale` times its base weight's, whatever r, alpha and rsLoRA are."""
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=target_modules,
+        use_rslora=use_rslora,
+        lora_dropout=0.0,
+    )
+    peft_model = get_peft_model(load_base(base_dir), config)
+    generator = torch.Generator().manual_seed(seed)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            _randomise_lora(module, generator, scale)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _randomise_lora(module: Any, generator: torch.Generator, scale: float) -> None:
+    a = module.lora_A["default"].weight
+    b = module.lora_B["default"].weight
+    scaling = module.scaling["default"]
+    with torch.no_grad():
+        a_new = torch.randn(a.shape, generator=generator)
+        b_new = torch.randn(b.shape, generator=generator)
+        delta_norm = scaling * torch.linalg.matrix_norm(b_new @ a_new)
+        factor = math.sqrt(scale * float(torch.linalg.matrix_norm(module.base_layer.weight)) / float(delta_norm))
+        a.copy_(a_new * factor)
+        b.copy_(b_new * factor)
+
+
+def make_prompt_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    num_virtual_tokens: int,
+    seed: int = 0,
+    init_text: str | None = None,
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Save a prompt-tuning adapter: PEFT's TEXT init from `init_text`, or seeded Gaussian rows with the
+    per-element std of the model's token embeddings."""
+    if init_text is None:
+        config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.RANDOM,
+        )
+    else:
+        config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=num_virtual_tokens,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=init_text,
+            tokenizer_name_or_path=str(tokenizer_dir or base_dir),
+        )
+    peft_model = get_peft_model(load_base(base_dir), config)
+    if init_text is None:
+        _randomise_prompt(peft_model, seed)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _randomise_prompt(peft_model: PeftModel, seed: int) -> None:
+    rows = peft_model.prompt_encoder["default"].embedding.weight
+    std = float(peft_model.get_input_embeddings().weight.std())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        rows.copy_(torch.randn(rows.shape, generator=generator) * std)
+
+
+def soft_prompt(peft_model: PeftModel) -> torch.Tensor:
+    """The prompt-tuning adapter's virtual-token embeddings: [num_virtual_tokens, hidden]."""
+    with torch.no_grad():
+        return peft_model.get_prompt(batch_size=1)[0]
+
+
+def _pad_token_id(model: Any) -> int:
+    config = model.config
+    for token_id in (config.pad_token_id, config.eos_token_id, 0):
+        if isinstance(token_id, int):
+            return token_id
+    return 0
