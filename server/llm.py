@@ -1,8 +1,8 @@
 """The Python API: load a base model once, register adapters, generate (batched or streamed).
 
-    llm = LLM(model="default")
-    llm.add_adapter("sql", "/path/to/peft-adapter")
-    [out] = llm.generate([GenerateRequest(prompt="...", adapter_id="sql")])
+llm = LLM(model="default")
+llm.add_adapter("sql", "/path/to/peft-adapter")
+[out] = llm.generate([GenerateRequest(prompt="...", adapter_id="sql")])
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ class RequestHandle:
         self._seq = seq
 
     def cancel(self) -> None:
-        self._seq.add_done_callback(lambda f: f.exception() or self._loop.call(lambda e: e.cancel(f.result())))
+        self._seq.add_done_callback(
+            lambda f: f.exception() or self._loop.call(lambda e: e.cancel(f.result()))
+        )
 
 
 class LLM:

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, Ta
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-DEFAULT_LORA_SCALE = 0.3
+DEFAULT_LORA_SCALE = 0.2
 
 
 def greedy_generate(
@@ -81,8 +81,8 @@ def make_lora_adapter(
     seed: int = 0,
     scale: float = DEFAULT_LORA_SCALE,
 ) -> Path:
-    """Save a LoRA adapter with seeded random A and B, each layer's update `scaling * B @ A` having
-    Frobenius norm `scale` times its base weight's, whatever r, alpha and rsLoRA are."""
+    """Save a LoRA adapter with seeded random A and B. Each layer's update changes its output by `scale`
+    (relative Frobenius norm) on calibration tokens, whatever r, alpha and rsLoRA are."""
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=r,
@@ -93,22 +93,40 @@ def make_lora_adapter(
     )
     peft_model = get_peft_model(load_base(base_dir), config)
     generator = torch.Generator().manual_seed(seed)
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer):
-            _randomise_lora(module, generator, scale)
+    for layer, x in _lora_layer_inputs(peft_model, generator).items():
+        _randomise_lora(layer, x, generator, scale)
     peft_model.save_pretrained(out_dir)
     return out_dir
 
 
-def _randomise_lora(module: Any, generator: torch.Generator, scale: float) -> None:
-    a = module.lora_A["default"].weight
-    b = module.lora_B["default"].weight
-    scaling = module.scaling["default"]
+def _lora_layer_inputs(
+    peft_model: PeftModel, generator: torch.Generator, num_tokens: int = 32
+) -> dict[LoraLayer, torch.Tensor]:
+    """Each LoRA layer's input on random calibration tokens (B is still zero: the base model's activations)."""
+    inputs: dict[LoraLayer, torch.Tensor] = {}
+
+    def record(layer: LoraLayer, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        inputs[layer] = args[0][0].detach()
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    hooks = [layer.register_forward_hook(record) for layer in layers]
+    ids = torch.randint(peft_model.config.vocab_size, (1, num_tokens), generator=generator)
+    with torch.no_grad():
+        peft_model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    return {layer: inputs[layer] for layer in layers}
+
+
+def _randomise_lora(layer: Any, x: torch.Tensor, generator: torch.Generator, scale: float) -> None:
+    a = layer.lora_A["default"].weight
+    b = layer.lora_B["default"].weight
     with torch.no_grad():
         a_new = torch.randn(a.shape, generator=generator)
         b_new = torch.randn(b.shape, generator=generator)
-        delta_norm = scaling * torch.linalg.matrix_norm(b_new @ a_new)
-        factor = math.sqrt(scale * float(torch.linalg.matrix_norm(module.base_layer.weight)) / float(delta_norm))
+        delta = layer.scaling["default"] * (x @ a_new.T) @ b_new.T
+        base = layer.base_layer(x)
+        factor = math.sqrt(scale * float(base.norm()) / float(delta.norm()))
         a.copy_(a_new * factor)
         b.copy_(b_new * factor)
 

@@ -41,7 +41,9 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def check_fits(self, num_prompt_tokens: int, params: SamplingParams, adapter: LoadedAdapter | None) -> None:
+    def check_fits(
+        self, num_prompt_tokens: int, params: SamplingParams, adapter: LoadedAdapter | None
+    ) -> None:
         """Refuse a request that could never fit the KV cache, the positions or the adapter limits."""
         virtual = adapter.num_virtual_tokens if adapter else 0
         needed = virtual + num_prompt_tokens + params.max_new_tokens

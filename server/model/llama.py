@@ -137,8 +137,10 @@ class LlamaModel(nn.Module):
 
     def lora_linears(self) -> list[dict[str, LoRALinear]]:
         return [
-            {name: getattr(layer.self_attn if name in LINEAR_MODULES[:4] else layer.mlp, name)
-             for name in LINEAR_MODULES}
+            {
+                name: getattr(layer.self_attn if name in LINEAR_MODULES[:4] else layer.mlp, name)
+                for name in LINEAR_MODULES
+            }
             for layer in self.layers
         ]
 

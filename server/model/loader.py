@@ -105,8 +105,13 @@ def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, placement:
     module: nn.Module
     if placement.quantize == "nf4":
         module = bnb.nn.Linear4bit(
-            fan_in, fan_out, bias=bias is not None, compute_dtype=placement.dtype,
-            quant_type="nf4", compress_statistics=True, device="meta",
+            fan_in,
+            fan_out,
+            bias=bias is not None,
+            compute_dtype=placement.dtype,
+            quant_type="nf4",
+            compress_statistics=True,
+            device="meta",
         )
         module.weight = bnb.nn.Params4bit(
             weight, requires_grad=False, quant_type="nf4", compress_statistics=True
@@ -121,7 +126,9 @@ def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, placement:
     return module.to(placement.device)  # bitsandbytes quantizes when the weight is placed
 
 
-def _load_dense(model: LlamaModel, weights: dict[str, torch.Tensor], config: Any, placement: Placement) -> None:
+def _load_dense(
+    model: LlamaModel, weights: dict[str, torch.Tensor], config: Any, placement: Placement
+) -> None:
     """Embeddings, norms and the LM head stay in the placement dtype (never quantized, as in QLoRA)."""
     state = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
     if "lm_head.weight" not in state or getattr(config, "tie_word_embeddings", False):
@@ -130,11 +137,16 @@ def _load_dense(model: LlamaModel, weights: dict[str, torch.Tensor], config: Any
     dense = {name for name, _ in model.named_parameters() if ".base." not in name}
     missing, unexpected = dense - state.keys(), state.keys() - dense
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     for name in dense:
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        setattr(module, attr, nn.Parameter(state[name].to(placement.dtype).to(placement.device),
-                                           requires_grad=False))
+        setattr(
+            module,
+            attr,
+            nn.Parameter(state[name].to(placement.dtype).to(placement.device), requires_grad=False),
+        )
     model.rotary_emb = type(model.rotary_emb)(config=config).to(placement.device)

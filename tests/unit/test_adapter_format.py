@@ -33,6 +33,8 @@ ATTENTION = ("k_proj", "o_proj", "q_proj", "v_proj")
 ALL_LINEAR = ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")
 Q_PROJ_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 Q_PROJ_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+PROMPT = "prompt_embeddings"
+TensorEdit = Callable[[dict[str, torch.Tensor]], None]
 
 
 def tiny_llama_config() -> LlamaConfig:
@@ -49,7 +51,7 @@ def tiny_llama_config() -> LlamaConfig:
 def save_adapter(path: Path, peft_config: PeftConfig) -> Path:
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM(tiny_llama_config()), peft_config)
-    model.save_pretrained(path)
+    model.save_pretrained(str(path))
     return path
 
 
@@ -91,7 +93,7 @@ def edit_config(path: Path, **changes: Any) -> None:
     (path / CONFIG_FILE).write_text(json.dumps({**config, **changes}))
 
 
-def edit_tensors(path: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+def edit_tensors(path: Path, edit: TensorEdit) -> None:
     tensors = load_file(path / WEIGHTS_FILE)
     edit(tensors)
     save_file(tensors, path / WEIGHTS_FILE)
@@ -214,12 +216,14 @@ def test_valid_prompt_tuning_loads(prompt_dir: Path, base: BaseModelInfo) -> Non
     assert spec.scaling == 1.0
     embeddings = load_prompt_embeddings(spec, dtype=torch.float16)
     assert embeddings.shape == (5, 64) and embeddings.dtype == torch.float16
-    raw = load_file(prompt_dir / WEIGHTS_FILE)["prompt_embeddings"]
+    raw = load_file(prompt_dir / WEIGHTS_FILE)[PROMPT]
     assert torch.equal(embeddings, raw.to(torch.float16))
 
 
-def test_prompt_tuning_with_text_init_loads(tmp_path: Path, base: BaseModelInfo) -> None:
-    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB")
+def test_prompt_tuning_with_sampled_vocab_init_loads(tmp_path: Path, base: BaseModelInfo) -> None:
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB"
+    )
     spec = read_adapter(save_adapter(tmp_path / "a", config), base, MAX_RANK)
     assert load_prompt_embeddings(spec).shape == (3, 64)
 
@@ -294,7 +298,11 @@ def test_missing_directory(tmp_path: Path, base: BaseModelInfo) -> None:
         ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens", "aLoRA"),
         ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights", "pissa"),
         ({"init_lora_weights": "olora"}, "init_lora_weights", "olora"),
-        ({"target_modules": ["q_proj", "embed_tokens", "lm_head"]}, "target_modules", "embed_tokens, lm_head"),
+        (
+            {"target_modules": ["q_proj", "embed_tokens", "lm_head"]},
+            "target_modules",
+            "embed_tokens, lm_head",
+        ),
         ({"target_modules": ["c_attn"]}, "target_modules", "c_attn"),
         ({"target_modules": r".*(q_proj|lm_head)"}, "target_modules", "lm_head"),
         ({"target_modules": r".*\.c_attn"}, "target_modules", "matches no linear module"),
@@ -336,11 +344,11 @@ def test_rank_mismatch_between_config_and_weights(lora_dir: Path, base: BaseMode
 # --- refused: tensors ------------------------------------------------------------------------------------
 
 
-def set_tensor(key: str, value: torch.Tensor) -> Callable[[dict[str, torch.Tensor]], None]:
+def set_tensor(key: str, value: torch.Tensor) -> TensorEdit:
     return lambda tensors: tensors.__setitem__(key, value)
 
 
-def poison(key: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+def poison(key: str, value: float) -> TensorEdit:
     def edit(tensors: dict[str, torch.Tensor]) -> None:
         tensors[key] = tensors[key].clone()
         tensors[key][0, 0] = value
@@ -348,7 +356,7 @@ def poison(key: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
     return edit
 
 
-def rename_layer(old: int, new: int) -> Callable[[dict[str, torch.Tensor]], None]:
+def rename_layer(old: int, new: int) -> TensorEdit:
     def edit(tensors: dict[str, torch.Tensor]) -> None:
         for key in [k for k in tensors if f".layers.{old}." in k]:
             tensors[key.replace(f".layers.{old}.", f".layers.{new}.")] = tensors.pop(key)
@@ -372,14 +380,18 @@ DORA_MAGNITUDE = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitud
         pytest.param(lambda t: t.pop(Q_PROJ_A), "lora_A", Q_PROJ_B, id="b-without-a"),
         pytest.param(poison(Q_PROJ_A, math.nan), Q_PROJ_A, "NaN", id="nan"),
         pytest.param(poison(Q_PROJ_B, math.inf), Q_PROJ_B, "Inf", id="inf"),
-        pytest.param(set_tensor(Q_PROJ_A, torch.zeros(4, 64, dtype=torch.int32)), Q_PROJ_A, "dtype", id="int"),
+        pytest.param(
+            set_tensor(Q_PROJ_A, torch.zeros(4, 64, dtype=torch.int32)), Q_PROJ_A, "dtype", id="int"
+        ),
         pytest.param(set_tensor(Q_PROJ_BIAS, torch.zeros(64)), Q_PROJ_BIAS, "unrecognised", id="bias"),
-        pytest.param(set_tensor(LM_HEAD_SAVED, torch.zeros(128, 64)), LM_HEAD_SAVED, "unrecognised", id="saved"),
+        pytest.param(
+            set_tensor(LM_HEAD_SAVED, torch.zeros(128, 64)), LM_HEAD_SAVED, "unrecognised", id="saved"
+        ),
         pytest.param(set_tensor(DORA_MAGNITUDE, torch.ones(64)), DORA_MAGNITUDE, "unrecognised", id="dora"),
     ],
 )
 def test_refused_lora_tensors(
-    lora_dir: Path, base: BaseModelInfo, edit: Callable[[dict[str, torch.Tensor]], None], field: str, text: str
+    lora_dir: Path, base: BaseModelInfo, edit: TensorEdit, field: str, text: str
 ) -> None:
     edit_tensors(lora_dir, edit)
     assert_refused(lora_dir, base, field, text)
@@ -407,11 +419,15 @@ def test_safetensors_without_lora_weights(lora_dir: Path, base: BaseModelInfo) -
     [
         pytest.param(lora(target_modules=["q_proj"], use_dora=True), {"use_dora"}, id="dora"),
         pytest.param(lora(target_modules=["q_proj"], bias="lora_only"), {"bias"}, id="bias"),
-        pytest.param(lora(target_modules=["q_proj"], modules_to_save=["lm_head"]), {"modules_to_save"}, id="mts"),
+        pytest.param(
+            lora(target_modules=["q_proj"], modules_to_save=["lm_head"]), {"modules_to_save"}, id="mts"
+        ),
         pytest.param(lora(target_modules=["q_proj", "embed_tokens"]), {"target_modules"}, id="embed_tokens"),
         pytest.param(IA3Config(task_type="CAUSAL_LM"), {"peft_type"}, id="ia3"),
         pytest.param(LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]), {"peft_type"}, id="loha"),
-        pytest.param(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), {"peft_type"}, id="prefix"),
+        pytest.param(
+            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), {"peft_type"}, id="prefix"
+        ),
     ],
 )
 def test_refused_real_peft_adapters(
@@ -442,16 +458,16 @@ def test_prompt_tuning_bad_num_virtual_tokens(prompt_dir: Path, base: BaseModelI
 @pytest.mark.parametrize(
     ("edit", "field", "text"),
     [
-        pytest.param(lambda t: t.pop("prompt_embeddings"), "prompt_embeddings", "missing", id="missing"),
-        pytest.param(set_tensor("prompt_embeddings", torch.zeros(6, 64)), "prompt_embeddings", "[5, 64]", id="rows"),
-        pytest.param(set_tensor("prompt_embeddings", torch.zeros(5, 32)), "prompt_embeddings", "[5, 64]", id="dim"),
-        pytest.param(set_tensor("prompt_embeddings", torch.zeros(320)), "prompt_embeddings", "[320]", id="1d"),
-        pytest.param(poison("prompt_embeddings", math.nan), "prompt_embeddings", "NaN", id="nan"),
+        pytest.param(lambda t: t.pop(PROMPT), PROMPT, "missing", id="missing"),
+        pytest.param(set_tensor(PROMPT, torch.zeros(6, 64)), PROMPT, "[5, 64]", id="rows"),
+        pytest.param(set_tensor(PROMPT, torch.zeros(5, 32)), PROMPT, "[5, 64]", id="dim"),
+        pytest.param(set_tensor(PROMPT, torch.zeros(320)), PROMPT, "[320]", id="1d"),
+        pytest.param(poison(PROMPT, math.nan), PROMPT, "NaN", id="nan"),
         pytest.param(set_tensor("extra", torch.zeros(1)), "extra", "unrecognised", id="extra-key"),
     ],
 )
 def test_refused_prompt_tensors(
-    prompt_dir: Path, base: BaseModelInfo, edit: Callable[[dict[str, torch.Tensor]], None], field: str, text: str
+    prompt_dir: Path, base: BaseModelInfo, edit: TensorEdit, field: str, text: str
 ) -> None:
     edit_tensors(prompt_dir, edit)
     assert_refused(prompt_dir, base, field, text)
@@ -466,7 +482,15 @@ def test_every_problem_is_reported_at_once(lora_dir: Path, base: BaseModelInfo) 
     (lora_dir / "adapter_model.bin").write_bytes(b"pickle")
     err = refusal(lora_dir, base)
     fields = {p.field for p in err.problems}
-    assert {"use_dora", "bias", "r", "target_modules", Q_PROJ_B, "adapter_model.bin", "lora_A shape"} <= fields
+    assert {
+        "use_dora",
+        "bias",
+        "r",
+        "target_modules",
+        Q_PROJ_B,
+        "adapter_model.bin",
+        "lora_A shape",
+    } <= fields
     for problem in err.problems:
         assert problem.message in str(err)
     assert f"({len(err.problems)} problems)" in str(err)

@@ -1,0 +1,145 @@
+"""Batched LoRA from slots equals PEFT's per-row formula `x @ A.T @ B.T * scaling`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adapterd.server.model.lora import LoRALinear, bgmv_reference
+
+IN, OUT, MAX_RANK, NUM_SLOTS = 48, 40, 64, 4
+TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
+
+
+class Adapter:
+    """One LoRA pair as PEFT stores it: A [r, in], B [out, r], and its scaling (alpha / r)."""
+
+    def __init__(self, rank: int, seed: int, dtype: torch.dtype) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.a = torch.randn(rank, IN, generator=generator, dtype=dtype) / IN**0.5
+        self.b = torch.randn(OUT, rank, generator=generator, dtype=dtype) / rank**0.5
+        self.scaling = 8 / rank**0.5  # rsLoRA with alpha 8: any value but 1 makes a wrong scale show
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.a.T @ self.b.T * self.scaling
+
+
+def make_layer(dtype: torch.dtype) -> LoRALinear:
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT, dtype=dtype)
+    layer = LoRALinear(base, IN, OUT)
+    layer.allocate_slots(NUM_SLOTS, MAX_RANK, dtype, torch.device("cpu"))
+    return layer
+
+
+def fill(layer: LoRALinear, adapters: dict[int, Adapter]) -> None:
+    for slot, adapter in adapters.items():
+        layer.set_slot(slot, adapter.a, adapter.b * adapter.scaling)
+
+
+def per_row_reference(x: torch.Tensor, slots: list[int], adapters: dict[int, Adapter]) -> torch.Tensor:
+    """x: [B, T, in] -> [B, T, out], one row at a time; a row with slot -1 has no adapter."""
+    rows = [
+        torch.zeros(x.shape[1], OUT, dtype=x.dtype) if s < 0 else adapters[s].delta(x[i])
+        for i, s in enumerate(slots)
+    ]
+    return torch.stack(rows)
+
+
+def three_ranks(dtype: torch.dtype) -> dict[int, Adapter]:
+    return {
+        0: Adapter(4, seed=1, dtype=dtype),
+        1: Adapter(16, seed=2, dtype=dtype),
+        2: Adapter(64, seed=3, dtype=dtype),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_tokens", [1, 7])
+def test_bgmv_equals_peft_formula_row_by_row(dtype: torch.dtype, num_tokens: int) -> None:
+    """Ranks 4, 16 and 64 padded to 64, rows without an adapter, slots used by several rows, T>1."""
+    layer, adapters = make_layer(dtype), three_ranks(dtype)
+    fill(layer, adapters)
+    slots = [0, 1, -1, 2, 1, 0, -1, 2]
+    x = torch.randn(len(slots), num_tokens, IN, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    assert layer.lora_a is not None and layer.lora_b is not None
+    delta = bgmv_reference(x, layer.lora_a, layer.lora_b, torch.tensor(slots), MAX_RANK)
+    expected = per_row_reference(x, slots, adapters)
+    torch.testing.assert_close(delta, expected, **TOLERANCES[dtype])
+    for row in (2, 6):
+        assert torch.equal(delta[row], torch.zeros(num_tokens, OUT, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bgmv_with_the_batch_max_rank_below_the_slot_size(dtype: torch.dtype) -> None:
+    """The engine passes the largest rank in the batch (16 here), not the slot width."""
+    layer, adapters = make_layer(dtype), three_ranks(dtype)
+    fill(layer, adapters)
+    slots = [1, 0, -1, 1]
+    x = torch.randn(len(slots), 3, IN, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    assert layer.lora_a is not None and layer.lora_b is not None
+    delta = bgmv_reference(x, layer.lora_a, layer.lora_b, torch.tensor(slots), 16)
+    torch.testing.assert_close(delta, per_row_reference(x, slots, adapters), **TOLERANCES[dtype])
+
+
+def test_every_row_in_one_slot_equals_the_formula_on_the_whole_batch() -> None:
+    layer, adapters = make_layer(torch.float64), three_ranks(torch.float64)
+    fill(layer, adapters)
+    x = torch.randn(5, 4, IN, dtype=torch.float64)
+    assert layer.lora_a is not None and layer.lora_b is not None
+    delta = bgmv_reference(x, layer.lora_a, layer.lora_b, torch.full((5,), 2), MAX_RANK)
+    torch.testing.assert_close(delta, adapters[2].delta(x), **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_adds_each_rows_delta_to_the_base_output(dtype: torch.dtype) -> None:
+    layer, adapters = make_layer(dtype), three_ranks(dtype)
+    fill(layer, adapters)
+    slots = [2, -1, 0, 1]
+    x = torch.randn(len(slots), 5, IN, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    y = layer(x, torch.tensor(slots), MAX_RANK)
+    expected = layer.base(x) + per_row_reference(x, slots, adapters)
+    torch.testing.assert_close(y, expected, **TOLERANCES[dtype])
+    assert torch.equal(y[1], layer.base(x)[1])
+
+
+def test_forward_with_rank_zero_or_no_slots_is_exactly_the_base_output() -> None:
+    layer = make_layer(torch.float32)
+    fill(layer, three_ranks(torch.float32))
+    x = torch.randn(3, 2, IN)
+    base = layer.base(x)
+    assert torch.equal(layer(x, torch.tensor([0, 1, 2]), rank=0), base)
+    assert torch.equal(layer(x, None, rank=MAX_RANK), base)
+    assert torch.equal(layer(x), base)
+    assert torch.equal(layer(x, torch.tensor([-1, -1, -1]), rank=MAX_RANK), base)
+
+
+def test_forward_without_allocated_slots_is_exactly_the_base_output() -> None:
+    base = nn.Linear(IN, OUT)
+    layer = LoRALinear(base, IN, OUT)
+    x = torch.randn(2, 3, IN)
+    assert torch.equal(layer(x, torch.tensor([0, 1]), rank=8), base(x))
+
+
+def test_clearing_a_slot_leaves_the_others() -> None:
+    layer, adapters = make_layer(torch.float64), three_ranks(torch.float64)
+    fill(layer, adapters)
+    layer.set_slot(1, None, None)
+    slots = [0, 1, 2]
+    x = torch.randn(len(slots), 2, IN, dtype=torch.float64)
+    y = layer(x, torch.tensor(slots), MAX_RANK)
+    assert torch.equal(y[1], layer.base(x)[1])
+    del adapters[1]
+    expected = layer.base(x) + per_row_reference(x, [0, -1, 2], adapters)
+    torch.testing.assert_close(y, expected, **TOLERANCES[torch.float64])
+
+
+def test_a_smaller_adapter_replaces_a_larger_one_without_leftovers() -> None:
+    layer = make_layer(torch.float64)
+    fill(layer, {0: Adapter(64, seed=5, dtype=torch.float64)})
+    small = Adapter(4, seed=6, dtype=torch.float64)
+    fill(layer, {0: small})
+    x = torch.randn(2, 3, IN, dtype=torch.float64)
+    y = layer(x, torch.tensor([0, 0]), MAX_RANK)
+    torch.testing.assert_close(y, layer.base(x) + small.delta(x), **TOLERANCES[torch.float64])
