@@ -58,7 +58,9 @@ def greedy_forward(
 
 
 def load_base(base_dir: Path, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Any:
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, quantization_config=quantization_config)
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=dtype, quantization_config=quantization_config
+    )
     return model.eval()
 
 
@@ -102,7 +104,7 @@ def make_lora_adapter(
 def _lora_layer_inputs(
     peft_model: PeftModel, generator: torch.Generator, num_tokens: int = 32
 ) -> dict[LoraLayer, torch.Tensor]:
-    """Each LoRA layer's input on random calibration tokens (B is still zero: the base model's activations)."""
+    """Each LoRA layer's input on random calibration tokens (B is still zero: base activations)."""
     inputs: dict[LoraLayer, torch.Tensor] = {}
 
     def record(layer: LoraLayer, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:

@@ -45,6 +45,7 @@ class Detokenizer:
         return piece
 
     def _decode_new(self) -> str:
+        assert self.tokenizer is not None
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
         text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)

@@ -16,7 +16,7 @@ from adapterd.server.engine.scheduler import Scheduler
 from adapterd.server.engine.sequence import EventSink, Sequence
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.model.llama import KVCache, LlamaModel
-from adapterd.server.protocol import SamplingParams, TokenEvent
+from adapterd.server.protocol import FinishReason, SamplingParams, TokenEvent
 
 
 class LLMEngine:
@@ -105,7 +105,7 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 seq.sink(seq.finish(reason))
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         if seq.detokenizer.stopped_at is not None:
             return "stop"
         if token_id in self.eos_ids and not seq.params.ignore_eos:

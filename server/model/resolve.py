@@ -91,7 +91,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     # The weights are dequantized now; drop the GGUF marker so the directory loads as plain safetensors.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
