@@ -11,6 +11,7 @@ import queue
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,29 @@ from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
 from adapterd.server.registry import AdapterRegistry
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request ready for the engine: tokenized, its adapter version resolved, known to fit."""
+
+    request_id: str
+    prompt_ids: list[int]
+    request: GenerateRequest
+    adapter: LoadedAdapter | None
+
+
 class RequestHandle:
-    """A submitted request: cancel it at any time."""
+    """A submitted request: cancel it at any time (a no-op once it finished)."""
 
     def __init__(self, loop: EngineLoop, seq: Future[Sequence]) -> None:
         self._loop = loop
         self._seq = seq
 
     def cancel(self) -> None:
-        self._seq.add_done_callback(
-            lambda f: f.exception() or self._loop.call(lambda e: e.cancel(f.result()))
-        )
+        self._seq.add_done_callback(self._cancel_queued)
+
+    def _cancel_queued(self, seq: Future[Sequence]) -> None:
+        if seq.exception() is None:
+            self._loop.call(lambda engine: engine.cancel(seq.result()))
 
 
 class LLM:
@@ -77,15 +90,27 @@ class LLM:
             return encode_chat(self.tokenizer, list(request.messages))
         return list(self.tokenizer(request.prompt).input_ids)
 
-    def submit(self, request: GenerateRequest, sink: EventSink) -> RequestHandle:
-        """Queue a request; events arrive on `sink` from the engine thread. Errors raise here."""
+    def prepare(self, request: GenerateRequest) -> PreparedRequest:
+        """Tokenize, resolve the adapter and check the request fits; raises on any problem."""
         prompt_ids = self.encode(request)
         adapter = self.adapters.resolve(request.adapter_id)
-        request_id = request.request_id or uuid.uuid4().hex
         self.engine.check_fits(len(prompt_ids), request.params, adapter)
-        seq = self.loop.call(lambda e: e.add_request(request_id, prompt_ids, request.params, adapter, sink))
+        return PreparedRequest(request.request_id or uuid.uuid4().hex, prompt_ids, request, adapter)
+
+    def enqueue(self, prepared: PreparedRequest, sink: EventSink) -> tuple[Future[Sequence], RequestHandle]:
+        """Hand a prepared request to the engine thread; the future resolves once it is queued."""
+        seq = self.loop.call(
+            lambda e: e.add_request(
+                prepared.request_id, prepared.prompt_ids, prepared.request.params, prepared.adapter, sink
+            )
+        )
+        return seq, RequestHandle(self.loop, seq)
+
+    def submit(self, request: GenerateRequest, sink: EventSink) -> RequestHandle:
+        """Queue a request; events arrive on `sink` from the engine thread. Errors raise here."""
+        seq, handle = self.enqueue(self.prepare(request), sink)
         seq.result()  # surfaces a refusal from the engine thread as an exception here
-        return RequestHandle(self.loop, seq)
+        return handle
 
     def stream(self, request: GenerateRequest) -> Iterator[TokenEvent | Completion]:
         """Token events as they are produced, then the Completion. Leaving early cancels the request."""

@@ -180,8 +180,5 @@ def soft_prompt(peft_model: PeftModel) -> torch.Tensor:
 
 
 def _pad_token_id(model: Any) -> int:
-    config = model.config
-    for token_id in (config.pad_token_id, config.eos_token_id, 0):
-        if isinstance(token_id, int):
-            return token_id
-    return 0
+    candidates = (model.config.pad_token_id, model.config.eos_token_id)
+    return next((token_id for token_id in candidates if isinstance(token_id, int)), 0)

@@ -79,11 +79,11 @@ def decode_with_cache(
     step feeds [soft prompt; token] instead, as PEFT's generate() does under transformers 5.x."""
     cache = DynamicCache(config=base.config)
     logits = _cached_step(base, torch.cat([soft, _embed(base, prompt)]), cache)
-    new_tokens: list[int] = []
+    new_tokens = [int(logits.argmax())]
     while len(new_tokens) < max_new_tokens:
-        new_tokens.append(int(logits.argmax()))
         embeds = _embed(base, new_tokens[-1:])
         logits = _cached_step(base, torch.cat([soft, embeds]) if reinject else embeds, cache)
+        new_tokens.append(int(logits.argmax()))
     return new_tokens
 
 
@@ -123,10 +123,10 @@ def test_peft_generate_is_not_the_soft_prompt_reference(case: SoftPromptCase) ->
     (GenerationMixin.prepare_inputs_for_generation sets `model_inputs["cache"]`), but peft 0.21's
     PeftModelForCausalLM.prepare_inputs_for_generation still reads `model_kwargs.get("past_key_values")`.
     It finds None at every step, so `requires_prompt_injection` stays True after prefill and each decode
-    step feeds [soft prompt; new token] (V+1 rows) instead of the token alone. New token k then attends to
-    k extra copies of the soft prompt, at positions shifted by k*V. Prompt tuning trains on [soft prompt;
-    tokens] once, at positions 0..V+n-1 (PeftModelForCausalLM.forward): full forward passes and a
-    correctly filled KV cache reproduce that; generate() does not.
+    step feeds [soft prompt; new token] (V+1 rows) instead of the token alone: decode step k attends to k
+    extra copies of the soft prompt, its token at position V+n+k(V+1)-1 instead of V+n+k-1. Prompt tuning
+    trains on [soft prompt; tokens] once, at positions 0..V+n-1 (PeftModelForCausalLM.forward): full
+    forward passes and a correctly filled KV cache reproduce that; generate() does not.
     """
     generated, rows_fed = _generate_recording_rows(case)
     reinjected = decode_with_cache(case.base, case.soft, case.prompt, MAX_NEW_TOKENS, reinject=True)
