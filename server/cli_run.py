@@ -19,6 +19,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_batch=args.max_batch,
         max_rank=args.max_rank,
         max_gpu_adapters=args.max_gpu_adapters,
+        max_soft_prompts=args.max_soft_prompts,
         kv_cache_tokens=args.kv_cache_tokens,
     )
 

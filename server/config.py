@@ -53,3 +53,21 @@ class EngineConfig:
     @property
     def num_kv_blocks(self) -> int:
         return self.kv_cache_tokens // self.kv_block_size
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The network side: ports, the adapter store, limits and keys."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    grpc_port: int = 50051
+    store: Path | None = None  # None: <cache dir>/store
+    max_cpu_adapters: int = 64
+    max_pending_requests: int = 256  # beyond this, 429 / RESOURCE_EXHAUSTED
+    max_upload_bytes: int = 2 * 1024**3
+    api_keys: Path | None = None
+    allowed_lora_dirs: tuple[Path, ...] = ()  # where POST /v1/load_lora_adapter may read from
+
+    def store_dir(self, cache_dir: Path) -> Path:
+        return self.store or cache_dir / "store"

@@ -36,3 +36,20 @@ class EngineStopped(AdapterdError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     error_type = "unavailable"
+
+
+class Unauthorized(AdapterdError):
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+    error_type = "unauthorized"
+
+
+class Forbidden(AdapterdError):
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+    error_type = "forbidden"
+
+
+class PayloadTooLarge(AdapterdError):
+    http_status = 413
+    error_type = "payload_too_large"

@@ -8,6 +8,7 @@ llm.add_adapter("sql", "/path/to/peft-adapter")
 from __future__ import annotations
 
 import queue
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterd.adapters.format import BaseModelInfo
+from adapterd.adapters.store import AdapterRecord, AdapterStore
 from adapterd.server.config import EngineConfig, ModelConfig
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.engine.engine import LLMEngine
@@ -61,7 +63,10 @@ class LLM:
         device: str = "auto",
         engine: EngineConfig | None = None,
         cache_dir: Path | None = None,
+        store: Path | None = None,
+        max_cpu_adapters: int = 64,
     ) -> None:
+        """`store`: the adapter store directory; None keeps adapters in a temporary one for this object."""
         model_config = ModelConfig(model=model, quantize=quantize, device=device, cache_dir=cache_dir)  # type: ignore[arg-type]
         self.engine_config = engine or EngineConfig()
         resolved = resolve_model(model_config.model, model_config.resolved_cache_dir)
@@ -70,12 +75,21 @@ class LLM:
         self.model = load_model(resolved.path, self.placement)
         self.tokenizer = load_tokenizer(resolved.path)
         self.base = BaseModelInfo.from_hf_config(self.model.config, resolved.name)
-        self.adapters = AdapterRegistry(self.base, self.engine_config.max_rank, self.placement.dtype)
+        self._temp_store = None if store else tempfile.TemporaryDirectory(prefix="adapterd-store-")
+        store_dir = store or Path(self._temp_store.name)  # type: ignore[union-attr]
+        self.adapters = AdapterRegistry(
+            AdapterStore(store_dir),
+            self.base,
+            self.engine_config.max_rank,
+            self.placement.dtype,
+            max_cpu_adapters,
+        )
         eos = eos_token_ids(resolved.path, self.tokenizer, self.model.config)
         self.engine = LLMEngine(self.model, self.tokenizer, eos, self.engine_config)
         self.loop = EngineLoop(self.engine).start()
 
-    def add_adapter(self, adapter_id: str, path: str | Path) -> LoadedAdapter:
+    def add_adapter(self, adapter_id: str, path: str | Path) -> AdapterRecord:
+        """Validate a PEFT directory and publish a copy of it under `adapter_id`."""
         return self.adapters.add(adapter_id, path)
 
     def remove_adapter(self, adapter_id: str) -> None:
@@ -136,6 +150,8 @@ class LLM:
 
     def close(self) -> None:
         self.loop.stop()
+        if self._temp_store is not None:
+            self._temp_store.cleanup()
 
     def __enter__(self) -> LLM:
         return self

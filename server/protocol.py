@@ -61,10 +61,12 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One step of a request's stream: a new token and the text it completed (may be empty)."""
+    """One step of a request's stream: a new token and the text it completed (may be empty).
+    The last token says so (`is_last`); the Completion follows it at once."""
 
     token_id: int
     text: str
+    is_last: bool = False
 
 
 @dataclass(frozen=True)

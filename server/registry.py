@@ -1,64 +1,146 @@
-"""Adapters in host memory by id. Replacing an id leaves running sequences on the version they hold."""
+"""The adapter registry: the versioned store on disk, then a host-memory LRU of loaded adapters.
+
+Three tiers: disk (`AdapterStore`) -> host memory (here, `max_cpu_adapters`, LRU) -> device slots (the
+engine's `AdapterSlots`). Reading and validating an adapter happens here, in the caller's thread, never on
+the engine thread. A request holds the `LoadedAdapter` object it resolved, so replacing or deleting an id
+changes nothing for requests already running, and dropping an adapter from this LRU frees nothing they use.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from adapterd.adapters.format import AdapterValidationError, BaseModelInfo, read_adapter, validate_adapter_id
+from adapterd.adapters.format import (
+    AdapterValidationError,
+    BaseModelInfo,
+    InvalidAdapterId,
+    read_adapter,
+    validate_adapter_id,
+)
 from adapterd.adapters.io import load_lora_weights, load_prompt_embeddings
+from adapterd.adapters.store import AdapterRecord, AdapterStore
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.errors import AdapterNotFound, InvalidAdapter
 
 
 def load_adapter(
-    adapter_id: str, path: Path, base: BaseModelInfo, max_rank: int, dtype: torch.dtype
+    record: AdapterRecord, base: BaseModelInfo, max_rank: int, dtype: torch.dtype
 ) -> LoadedAdapter:
-    """Validate a PEFT directory and read its tensors into host memory (off the engine thread)."""
+    """Validate a stored PEFT directory again and read its tensors into host memory."""
+    spec = _validated(record.path, base, max_rank)
+    if spec.kind == "lora":
+        return LoadedAdapter(record.id, spec, lora=load_lora_weights(spec, dtype), version=record.version)
+    return LoadedAdapter(record.id, spec, prompt=load_prompt_embeddings(spec, dtype), version=record.version)
+
+
+def _validated(path: Path, base: BaseModelInfo, max_rank: int) -> Any:
     try:
-        spec = read_adapter(path, base, max_rank)
+        return read_adapter(path, base, max_rank)
     except AdapterValidationError as exc:
         raise InvalidAdapter(str(exc)) from exc
-    if spec.kind == "lora":
-        return LoadedAdapter(adapter_id, spec, lora=load_lora_weights(spec, dtype))
-    return LoadedAdapter(adapter_id, spec, prompt=load_prompt_embeddings(spec, dtype))
+
+
+def checked_id(adapter_id: str) -> str:
+    try:
+        return validate_adapter_id(adapter_id)
+    except InvalidAdapterId as exc:
+        raise InvalidAdapter(str(exc)) from exc
 
 
 class AdapterRegistry:
-    def __init__(self, base: BaseModelInfo, max_rank: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        store: AdapterStore,
+        base: BaseModelInfo,
+        max_rank: int,
+        dtype: torch.dtype,
+        max_cpu_adapters: int,
+    ) -> None:
+        self.store = store
         self.base = base
         self.max_rank = max_rank
         self.dtype = dtype
-        self._adapters: dict[str, LoadedAdapter] = {}
+        self.max_cpu_adapters = max_cpu_adapters
+        self._records = {record.id: record for record in store.list()}
+        self._loaded: OrderedDict[tuple[str, int], LoadedAdapter] = OrderedDict()
         self._lock = threading.Lock()
+        self._load_locks: dict[tuple[str, int], threading.Lock] = {}
+        self.num_loads = 0
+        self.num_evictions = 0
 
-    def add(self, adapter_id: str, path: str | Path) -> LoadedAdapter:
-        try:
-            validate_adapter_id(adapter_id)
-        except ValueError as exc:
-            raise InvalidAdapter(str(exc)) from exc
-        loaded = load_adapter(adapter_id, Path(path), self.base, self.max_rank, self.dtype)
+    def publish(
+        self, adapter_id: str, staged_dir: Path, metadata: dict[str, Any] | None = None
+    ) -> tuple[AdapterRecord, bool]:
+        """Validate a staged PEFT directory and publish it as the id's new version."""
+        checked_id(adapter_id)
+        spec = _validated(staged_dir, self.base, self.max_rank)
+        record, replaced = self.store.publish(adapter_id, staged_dir, spec, self.base.name, metadata)
         with self._lock:
-            self._adapters[adapter_id] = loaded
-        return loaded
+            self._records[adapter_id] = record
+        return record, replaced
 
-    def remove(self, adapter_id: str) -> None:
+    def add(self, adapter_id: str, path: str | Path) -> AdapterRecord:
+        """Publish an adapter directory (copied into the store) and return its record."""
+        return self.publish(adapter_id, Path(path))[0]
+
+    def remove(self, adapter_id: str) -> AdapterRecord:
         with self._lock:
-            if self._adapters.pop(adapter_id, None) is None:
-                raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+            record = self._records.pop(adapter_id, None)
+            for key in [k for k in self._loaded if k[0] == adapter_id]:
+                del self._loaded[key]
+        if record is None or not self.store.delete(adapter_id):
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+        return record
+
+    def record(self, adapter_id: str) -> AdapterRecord:
+        with self._lock:
+            record = self._records.get(adapter_id)
+        if record is None:
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+        return record
+
+    def records(self) -> list[AdapterRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.id)
+
+    def is_base(self, adapter_id: str | None) -> bool:
+        """None, "" or the base model's name mean the base model."""
+        return not adapter_id or adapter_id == self.base.name
 
     def resolve(self, adapter_id: str | None) -> LoadedAdapter | None:
-        """None, "" or the base model's name mean the base model."""
-        if not adapter_id or adapter_id == self.base.name:
+        """The adapter's current version in host memory, loaded from disk on first use (blocking I/O)."""
+        if self.is_base(adapter_id):
             return None
+        assert adapter_id is not None
+        record = self.record(adapter_id)
+        key = (record.id, record.version)
         with self._lock:
-            loaded = self._adapters.get(adapter_id)
-        if loaded is None:
-            raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            load_lock = self._load_locks.setdefault(key, threading.Lock())
+        with load_lock:  # one load per version, however many requests ask at once
+            with self._lock:
+                if key in self._loaded:
+                    return self._loaded[key]
+            loaded = load_adapter(record, self.base, self.max_rank, self.dtype)
+            self._insert(key, loaded)
         return loaded
 
-    def ids(self) -> list[str]:
+    def host_resident(self) -> set[tuple[str, int]]:
         with self._lock:
-            return sorted(self._adapters)
+            return set(self._loaded)
+
+    def _insert(self, key: tuple[str, int], loaded: LoadedAdapter) -> None:
+        with self._lock:
+            self._load_locks.pop(key, None)
+            self.num_loads += 1
+            self._loaded[key] = loaded
+            while len(self._loaded) > self.max_cpu_adapters:
+                self._loaded.popitem(last=False)
+                self.num_evictions += 1

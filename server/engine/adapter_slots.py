@@ -32,7 +32,7 @@ class LoadedAdapter:
     spec: AdapterSpec
     lora: LoraWeights | None = None
     prompt: torch.Tensor | None = None  # [V, hidden]
-    version: int = field(default_factory=lambda: next(_versions))
+    version: int = field(default_factory=lambda: next(_versions))  # the store's version when it has one
 
     @property
     def is_lora(self) -> bool:
@@ -124,6 +124,10 @@ class AdapterSlots:
 
     def slot_of(self, adapter: LoadedAdapter | None) -> int:
         return -1 if adapter is None else self.pool_of(adapter).slot_of(adapter)
+
+    def resident(self) -> set[tuple[str, int]]:
+        """(id, version) of every adapter in a device slot."""
+        return {(a.adapter_id, a.version) for pool in (self.lora, self.prompts) for a in pool.resident}
 
     def _fill(self, adapter: LoadedAdapter, slot: int) -> None:
         if adapter.prompt is not None:

@@ -100,7 +100,7 @@ class LLMEngine:
             reason = self._finish_reason(seq, token_id)
             if reason:
                 text += seq.detokenizer.flush()
-            seq.sink(TokenEvent(token_id, text))
+            seq.sink(TokenEvent(token_id, text, is_last=reason is not None))
             if reason:
                 self.scheduler.finish(seq)
                 seq.sink(seq.finish(reason))

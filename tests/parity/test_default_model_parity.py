@@ -12,7 +12,14 @@ from adapterd.server.config import EngineConfig
 from adapterd.server.llm import LLM, encode_chat
 from adapterd.server.model.resolve import ResolvedModel
 from adapterd.server.protocol import GenerateRequest, SamplingParams
-from tests.reference import greedy_forward, greedy_generate, load_base, load_peft, make_lora_adapter, make_prompt_adapter
+from tests.reference import (
+    greedy_forward,
+    greedy_generate,
+    load_base,
+    load_peft,
+    make_lora_adapter,
+    make_prompt_adapter,
+)
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 32
@@ -20,12 +27,12 @@ QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbo
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model: ResolvedModel):  # noqa: ANN201
+def tokenizer(default_model: ResolvedModel):
     return AutoTokenizer.from_pretrained(default_model.path)
 
 
 @pytest.fixture(scope="module")
-def prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+def prompts(tokenizer) -> list[list[int]]:
     return [encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
 
 
@@ -44,16 +51,26 @@ def adapters(default_model: ResolvedModel, tmp_path_factory: pytest.TempPathFact
     }
 
 
-NEEDED = [(None, 0), (None, 2), ("lora-r16-all", 0), ("lora-r16-all", 1), ("lora-r4-attn-rslora", 0),
-          ("soft-text12", 0), ("soft-text12", 1), ("soft-random20", 0)]
+NEEDED = [
+    (None, 0),
+    (None, 2),
+    ("lora-r16-all", 0),
+    ("lora-r16-all", 1),
+    ("lora-r4-attn-rslora", 0),
+    ("soft-text12", 0),
+    ("soft-text12", 1),
+    ("soft-random20", 0),
+]
 
 
 @pytest.fixture(scope="module")
-def expected(default_model: ResolvedModel, adapters: dict[str, Path], prompts, tokenizer) -> dict:  # noqa: ANN001
+def expected(default_model: ResolvedModel, adapters: dict[str, Path], prompts, tokenizer) -> dict:
     """PEFT's greedy tokens for (adapter, prompt index): generate() for LoRA, forward passes for soft prompts."""
     refs = {}
     for name in dict.fromkeys(name for name, _ in NEEDED):
-        model = load_base(default_model.path) if name is None else load_peft(default_model.path, adapters[name])
+        model = (
+            load_base(default_model.path) if name is None else load_peft(default_model.path, adapters[name])
+        )
         decode = greedy_forward if name and name.startswith("soft") else greedy_generate
         for key in [k for k in NEEDED if k[0] == name]:
             refs[key] = decode(model, prompts[key[1]], NEW_TOKENS, tokenizer.eos_token_id)
@@ -74,7 +91,7 @@ def request(prompt: list[int], adapter: str | None) -> GenerateRequest:
     return GenerateRequest(prompt_ids=tuple(prompt), adapter_id=adapter, params=SamplingParams(NEW_TOKENS))
 
 
-def test_each_adapter_alone_equals_peft(llm: LLM, prompts, expected: dict, adapters: dict[str, Path]):  # noqa: ANN001
+def test_each_adapter_alone_equals_peft(llm: LLM, prompts, expected: dict, adapters: dict[str, Path]):
     for name in adapters:
         [out] = llm.generate([request(prompts[0], name)])
         assert list(out.token_ids) == expected[name, 0], name
@@ -82,9 +99,16 @@ def test_each_adapter_alone_equals_peft(llm: LLM, prompts, expected: dict, adapt
             assert expected[name, 0] != expected[None, 0], f"{name} must change the answer"
 
 
-def test_one_batch_of_base_loras_and_soft_prompts_equals_peft(llm: LLM, prompts, expected: dict):  # noqa: ANN001
-    rows = [(None, 0), (None, 2), ("lora-r16-all", 1), ("lora-r4-attn-rslora", 0), ("soft-text12", 1),
-            ("soft-random20", 0), ("lora-r16-all", 0)]
+def test_one_batch_of_base_loras_and_soft_prompts_equals_peft(llm: LLM, prompts, expected: dict):
+    rows = [
+        (None, 0),
+        (None, 2),
+        ("lora-r16-all", 1),
+        ("lora-r4-attn-rslora", 0),
+        ("soft-text12", 1),
+        ("soft-random20", 0),
+        ("lora-r16-all", 0),
+    ]
     outputs = llm.generate([request(prompts[i], name) for name, i in rows])
     assert [list(o.token_ids) for o in outputs] == [expected[row] for row in rows]
 

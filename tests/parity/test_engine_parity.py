@@ -116,9 +116,9 @@ def test_requests_joining_a_running_batch_equal_peft(
     """Drive the engine step by step: half the rows join after the first ones generated 5 tokens."""
     config = EngineConfig(max_rank=64, max_gpu_adapters=4, max_soft_prompts=2, kv_cache_tokens=4096)
     llm = LLM(model=str(tiny_llama), quantize="none", device="cpu", engine=config)
-    llm.close()  # stop the engine thread; this test is the engine's only caller
     for name in {a for a, _ in MIXED if a}:
         llm.add_adapter(name, adapters[name])
+    llm.loop.stop()  # stop the engine thread; this test is the engine's only caller
     engine, done = llm.engine, {}
 
     def add(i: int) -> None:

@@ -50,10 +50,11 @@ def adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 def quantized(request: pytest.FixtureRequest, tiny_llama: Path, adapters: dict[str, Path]):
     config = EngineConfig(max_rank=16, max_gpu_adapters=2, max_soft_prompts=2, kv_cache_tokens=1024)
     llm = LLM(model=str(tiny_llama), quantize=request.param, device="cpu", engine=config)
-    llm.close()  # these tests drive the engine step by step
     for name, path in adapters.items():
         llm.add_adapter(name, path)
-    return request.param, llm
+    llm.loop.stop()  # these tests drive the engine step by step
+    yield request.param, llm
+    llm.close()
 
 
 def peft_model(base: Path, adapter: Path | None, quantize: str):

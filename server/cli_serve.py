@@ -1,0 +1,110 @@
+"""`adapterd serve`: load the model once, then serve HTTP (uvicorn) and gRPC (grpc.aio) in one process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import uvicorn
+
+from adapterd.server.auth import ApiKeys
+from adapterd.server.cli_run import engine_config
+from adapterd.server.config import ServerConfig, default_cache_dir
+from adapterd.server.http.app import build_app
+from adapterd.server.llm import LLM
+from adapterd.server.service import Service
+
+log = logging.getLogger("adapterd")
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        store=args.store,
+        max_cpu_adapters=args.max_cpu_adapters,
+        max_pending_requests=args.max_pending,
+        max_upload_bytes=args.max_upload_bytes,
+        api_keys=args.api_keys,
+        allowed_lora_dirs=tuple(args.allowed_lora_dir or ()),
+    )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = server_config(args)
+    keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys.open()
+    store = config.store_dir(default_cache_dir())
+    llm = LLM(
+        model=args.model,
+        quantize=args.quantize,
+        device=args.device,
+        engine=engine_config(args),
+        store=store,
+        max_cpu_adapters=config.max_cpu_adapters,
+    )
+    log.info(
+        "model %s loaded (%s on %s); adapter store %s",
+        llm.model_name,
+        llm.placement.quantize,
+        llm.placement.device,
+        store,
+    )
+    try:
+        asyncio.run(serve(Service(llm, config), keys))
+    finally:
+        llm.close()
+    return 0
+
+
+async def serve(service: Service, keys: ApiKeys) -> None:
+    from adapterd.server.grpc.server import build_grpc_server
+
+    config = service.config
+    http = uvicorn.Server(
+        uvicorn.Config(
+            build_app(service, keys),
+            host=config.host,
+            port=config.http_port,
+            log_level="warning",
+            lifespan="off",
+        )
+    )
+    grpc_server = build_grpc_server(service, keys, f"{config.host}:{config.grpc_port}")
+    await grpc_server.start()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    http_task = asyncio.create_task(http.serve())
+    log.info(
+        "serving HTTP on %s:%d and gRPC on %s:%d",
+        config.host,
+        config.http_port,
+        config.host,
+        config.grpc_port,
+    )
+    await asyncio.wait([http_task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    http.should_exit = True
+    await http_task
+    await grpc_server.stop(grace=2)
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=8080)
+    parser.add_argument("--grpc-port", type=int, default=50051)
+    parser.add_argument("--store", type=Path, help="adapter store directory (default: <cache>/store)")
+    parser.add_argument("--max-cpu-adapters", type=int, default=64)
+    parser.add_argument("--max-pending", type=int, default=256, help="pending requests before 429")
+    parser.add_argument("--max-upload-bytes", type=int, default=2 * 1024**3)
+    parser.add_argument("--api-keys", type=Path, help="file of 'KEY ROLE [TENANT]' lines")
+    parser.add_argument(
+        "--allowed-lora-dir",
+        type=Path,
+        action="append",
+        help="directory /v1/load_lora_adapter may read from (repeatable)",
+    )

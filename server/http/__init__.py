@@ -1,0 +1,1 @@
+"""HTTP front end (Starlette): thin routes over `Service`."""

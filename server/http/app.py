@@ -1,0 +1,66 @@
+"""The Starlette application: routes, authentication and the one error table's HTTP side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from adapterd.server.auth import ApiKeys, Principal
+from adapterd.server.errors import AdapterdError
+from adapterd.server.http.adapters import AdapterRoutes
+from adapterd.server.http.generate import GenerateRoutes, tgi_error
+from adapterd.server.http.openai import OpenAIRoutes, openai_error
+from adapterd.server.service import Service
+
+TGI_PATHS = ("/", "/generate", "/generate_stream")
+
+
+def build_app(service: Service, keys: ApiKeys) -> Starlette:
+    def principal(request: Request) -> Principal:
+        return keys.authenticate(request.headers.get("authorization"))
+
+    generate = GenerateRoutes(service, principal)
+    openai = OpenAIRoutes(service, principal)
+    adapters = AdapterRoutes(service, principal)
+    routes = [
+        Route("/", generate.root, methods=["POST"]),
+        Route("/generate", generate.generate, methods=["POST"]),
+        Route("/generate_stream", generate.generate_stream, methods=["POST"]),
+        Route("/v1/completions", openai.completions, methods=["POST"]),
+        Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
+        Route("/v1/models", openai.models, methods=["GET"]),
+        Route("/v1/adapters", adapters.list, methods=["GET"]),
+        Route("/v1/adapters/{adapter_id:path}", adapters.upload, methods=["PUT"]),
+        Route("/v1/adapters/{adapter_id:path}", adapters.show, methods=["GET"]),
+        Route("/v1/adapters/{adapter_id:path}", adapters.delete, methods=["DELETE"]),
+        Route("/v1/load_lora_adapter", adapters.load_lora, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", adapters.unload_lora, methods=["POST"]),
+        Route("/health", lambda _: JSONResponse({"status": "ok"}), methods=["GET"]),
+        Route("/info", lambda _: JSONResponse(service.info()), methods=["GET"]),
+        Route(
+            "/metrics", lambda _: Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        ),
+    ]
+    handlers: dict[Any, Any] = {AdapterdError: _error_response, Exception: _internal_error}
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+def error_body(path: str, exc: AdapterdError) -> dict[str, Any]:
+    """LoRAX/TGI routes answer {error, error_type}; every other route the OpenAI shape."""
+    return tgi_error(exc) if path in TGI_PATHS else openai_error(exc)
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AdapterdError)
+    return JSONResponse(error_body(request.url.path, exc), status_code=exc.http_status)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug of ours: logged by Starlette, answered as a 500 in the route family's shape."""
+    error = AdapterdError(f"internal error: {type(exc).__name__}")
+    error.error_type = "internal"
+    return JSONResponse(error_body(request.url.path, error), status_code=500)

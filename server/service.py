@@ -1,0 +1,180 @@
+"""The async facade both front ends share: generation, adapters, auth checks, limits and metrics.
+
+Front ends parse their wire format into `protocol` types, call one method here, and format the result.
+Blocking work (tokenizing, reading adapters from disk) runs in worker threads; the engine thread only
+receives prepared requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+from adapterd.adapters.store import AdapterRecord
+from adapterd.server.auth import Principal
+from adapterd.server.config import ServerConfig
+from adapterd.server.errors import AdapterNotFound, Forbidden, InvalidRequest, Overloaded
+from adapterd.server.llm import LLM
+from adapterd.server.metrics import Metrics
+from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
+
+Event = TokenEvent | Completion
+
+
+class Service:
+    def __init__(self, llm: LLM, config: ServerConfig) -> None:
+        self.llm = llm
+        self.config = config
+        self.metrics = Metrics()
+        self.num_pending = 0
+        scheduler = llm.engine.scheduler
+        self.metrics.watch(lambda: len(scheduler.waiting), lambda: len(scheduler.running), self._tier_counts)
+
+    @property
+    def model_name(self) -> str:
+        return self.llm.model_name
+
+    # -- generation ---------------------------------------------------------------------------------------
+
+    async def stream(self, request: GenerateRequest, principal: Principal) -> AsyncGenerator[Event, None]:
+        """Token events, then the Completion. Closing the iterator early cancels the request."""
+        self._check_use(request.adapter_id, principal)
+        if self.num_pending >= self.config.max_pending_requests:
+            raise Overloaded(f"{self.num_pending} requests are pending; try again later")
+        self.num_pending += 1
+        run = None
+        try:
+            prepared = await asyncio.to_thread(self.llm.prepare, request)
+            run = self._run(prepared)
+            async for event in run:
+                yield event
+        finally:
+            self.num_pending -= 1
+            if run is not None:
+                await run.aclose()  # runs _run's cleanup now, not at garbage collection
+
+    async def generate(self, request: GenerateRequest, principal: Principal) -> Completion:
+        events = self.stream(request, principal)
+        try:
+            async for event in events:
+                if isinstance(event, Completion):
+                    return event
+        finally:
+            await events.aclose()
+        raise AssertionError("a stream always ends with a Completion")
+
+    async def _run(self, prepared: Any) -> AsyncGenerator[Event, None]:
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()
+        def sink(event: Event) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        seq, handle = self.llm.enqueue(prepared, sink)
+        started = time.perf_counter()
+        self.metrics.requests.labels(adapter=prepared.request.adapter_id or self.model_name).inc()
+        num_tokens = 0
+        try:
+            await asyncio.wrap_future(seq)
+            while True:
+                event = await events.get()
+                if isinstance(event, TokenEvent):
+                    if num_tokens == 0:
+                        self.metrics.ttft.observe(time.perf_counter() - started)
+                    num_tokens += 1
+                    self.metrics.generated_tokens.inc()
+                yield event
+                if isinstance(event, Completion):
+                    return
+        finally:
+            handle.cancel()  # a client that left: the engine drops the sequence within one step
+
+    # -- adapters -----------------------------------------------------------------------------------------
+
+    def _check_use(self, adapter_id: str | None, principal: Principal) -> None:
+        if adapter_id and not self.llm.adapters.is_base(adapter_id) and not principal.can_see(adapter_id):
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+
+    async def upload(
+        self, adapter_id: str, staged_dir: Path, principal: Principal, metadata: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        principal.require_owner(adapter_id)
+        record, replaced = await asyncio.to_thread(
+            self.llm.adapters.publish, adapter_id, staged_dir, metadata
+        )
+        return await self.describe(record), replaced
+
+    async def load_from_path(self, adapter_id: str, path: str, principal: Principal) -> dict[str, Any]:
+        """vLLM's /v1/load_lora_adapter: only from under a directory the operator allowed."""
+        principal.require_owner(adapter_id)
+        source = Path(path).resolve()
+        if not any(source.is_relative_to(d.resolve()) for d in self.config.allowed_lora_dirs):
+            raise Forbidden(f"lora_path {path!r} is not under a directory allowed by --allowed-lora-dir")
+        if not source.is_dir():
+            raise InvalidRequest(f"lora_path {path!r} is not a directory")
+        record, _ = await asyncio.to_thread(self.llm.adapters.publish, adapter_id, source)
+        return await self.describe(record)
+
+    async def list_adapters(self, principal: Principal) -> list[dict[str, Any]]:
+        records = [r for r in self.llm.adapters.records() if principal.can_see(r.id)]
+        gpu = await self._gpu_resident()
+        return [self._description(r, gpu) for r in records]
+
+    async def get_adapter(self, adapter_id: str, principal: Principal) -> dict[str, Any]:
+        self._check_use(adapter_id, principal)
+        return await self.describe(self.llm.adapters.record(adapter_id))
+
+    async def delete_adapter(self, adapter_id: str, principal: Principal) -> dict[str, Any]:
+        self._check_use(adapter_id, principal)
+        principal.require_owner(adapter_id)
+        record = await asyncio.to_thread(self.llm.adapters.remove, adapter_id)
+        return record.describe()
+
+    async def describe(self, record: AdapterRecord) -> dict[str, Any]:
+        return self._description(record, await self._gpu_resident())
+
+    def _description(self, record: AdapterRecord, gpu: set[tuple[str, int]]) -> dict[str, Any]:
+        key = (record.id, record.version)
+        residency = "gpu" if key in gpu else "cpu" if key in self.llm.adapters.host_resident() else "disk"
+        return {**record.describe(), "residency": residency}
+
+    async def _gpu_resident(self) -> set[tuple[str, int]]:
+        return await asyncio.wrap_future(self.llm.loop.call(lambda engine: engine.adapters.resident()))
+
+    def _tier_counts(self) -> dict[str, tuple[int, int]]:
+        adapters, slots = self.llm.adapters, self.llm.engine.adapters
+        return {
+            "cpu": (adapters.num_loads, adapters.num_evictions),
+            "gpu": (
+                slots.lora.num_loads + slots.prompts.num_loads,
+                slots.lora.num_evictions + slots.prompts.num_evictions,
+            ),
+        }
+
+    # -- operations ---------------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        engine = self.llm.engine_config
+        return {
+            "model_id": self.model_name,
+            "model_dtype": str(self.llm.placement.dtype).removeprefix("torch."),
+            "quantize": self.llm.placement.quantize,
+            "device": str(self.llm.placement.device),
+            "max_batch": engine.max_batch,
+            "max_rank": engine.max_rank,
+            "max_gpu_adapters": engine.max_gpu_adapters,
+            "max_cpu_adapters": self.llm.adapters.max_cpu_adapters,
+            "kv_cache_tokens": engine.kv_cache_tokens,
+            "max_total_tokens": min(engine.kv_cache_tokens, engine.max_seq_len),
+            "version": _version(),
+        }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adapterd")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
