@@ -108,6 +108,7 @@ class LLM:
         """Tokenize, resolve the adapter and check the request fits; raises on any problem."""
         prompt_ids = self.encode(request)
         adapter = self.adapters.resolve(request.adapter_id)
+        self.engine.check_prompt(prompt_ids)
         self.engine.check_fits(len(prompt_ids), request.params, adapter)
         return PreparedRequest(request.request_id or uuid.uuid4().hex, prompt_ids, request, adapter)
 

@@ -68,6 +68,7 @@ class Service:
 
     async def _run(self, prepared: Any) -> AsyncGenerator[Event, None]:
         loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()
+
         def sink(event: Event) -> None:  # called on the engine thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
@@ -166,7 +167,9 @@ class Service:
             "max_gpu_adapters": engine.max_gpu_adapters,
             "max_cpu_adapters": self.llm.adapters.max_cpu_adapters,
             "kv_cache_tokens": engine.kv_cache_tokens,
-            "max_total_tokens": min(engine.kv_cache_tokens, engine.max_seq_len),
+            "max_total_tokens": min(
+                self.llm.engine.blocks.num_blocks * engine.kv_block_size, engine.max_seq_len
+            ),
             "version": _version(),
         }
 

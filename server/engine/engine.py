@@ -30,6 +30,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_positions = getattr(model.config, "max_position_embeddings", config.max_seq_len)
+        self.vocab_size = model.config.vocab_size
         self.adapters = AdapterSlots(model, config, dtype, device)
         self.blocks = BlockAllocator(config.num_kv_blocks, config.kv_block_size)
         kv = KVCache(model.config, config.num_kv_blocks * config.kv_block_size, dtype, device)
@@ -41,13 +42,22 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Token ids must exist in the vocabulary: a bad id would fail the whole batch's step."""
+        bad = [i for i in prompt_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InvalidRequest(
+                f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+
     def check_fits(
         self, num_prompt_tokens: int, params: SamplingParams, adapter: LoadedAdapter | None
     ) -> None:
         """Refuse a request that could never fit the KV cache, the positions or the adapter limits."""
         virtual = adapter.num_virtual_tokens if adapter else 0
         needed = virtual + num_prompt_tokens + params.max_new_tokens
-        limit = min(self.config.kv_cache_tokens, self.config.max_seq_len, self.max_positions)
+        cache_tokens = self.blocks.num_blocks * self.blocks.block_size  # whole blocks, not the raw budget
+        limit = min(cache_tokens, self.config.max_seq_len, self.max_positions)
         if num_prompt_tokens == 0:
             raise InvalidRequest("the prompt is empty")
         if needed > limit:
@@ -66,6 +76,7 @@ class LLMEngine:
         adapter: LoadedAdapter | None,
         sink: EventSink,
     ) -> Sequence:
+        self.check_prompt(prompt_ids)
         self.check_fits(len(prompt_ids), params, adapter)
         seq = Sequence(
             request_id=request_id,

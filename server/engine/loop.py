@@ -69,4 +69,7 @@ class EngineLoop:
             self.engine.step()
         except Exception:  # a bug or out-of-memory must fail the batch, not kill the engine
             log.exception("engine step failed; failing the running sequences")
-            self.engine.fail_running("internal error in the engine step")
+            try:
+                self.engine.fail_running("internal error in the engine step")
+            except Exception:
+                log.exception("failing the running sequences failed too")

@@ -1,0 +1,71 @@
+"""The `adapterd.v1.Generation` servicer: Generate and GenerateStream over `Service.stream`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from adapterd.server.auth import ApiKeys, Principal
+from adapterd.server.errors import InvalidRequest
+from adapterd.server.grpc.common import rpc
+from adapterd.server.http.params import sampling_params
+from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
+from adapterd.server.service import Service
+from adapterd.v1 import generation_pb2 as pb
+from adapterd.v1 import generation_pb2_grpc
+
+# GenerationParameters' optional scalars, named as in SamplingParams; unset ones take its defaults.
+OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+def parse_params(message: pb.GenerationParameters) -> SamplingParams:
+    given = {name: getattr(message, name) for name in OPTIONAL_PARAMS if message.HasField(name)}
+    return sampling_params(**given, stop=tuple(message.stop), ignore_eos=message.ignore_eos)
+
+
+def parse_request(message: pb.GenerateRequest) -> GenerateRequest:
+    params = parse_params(message.parameters)
+    adapter_id = message.adapter_id or None
+    if message.WhichOneof("input") == "messages":
+        turns = tuple({"role": m.role, "content": m.content} for m in message.messages.messages)
+        if not turns:
+            raise InvalidRequest("messages must hold at least one message")
+        return GenerateRequest(messages=turns, adapter_id=adapter_id, params=params)
+    if not message.prompt:
+        raise InvalidRequest("prompt must be a non-empty string (or send messages)")
+    return GenerateRequest(prompt=message.prompt, adapter_id=adapter_id, params=params)
+
+
+def response(done: Completion) -> pb.GenerateResponse:
+    if done.error is not None:  # the engine failed the batch (already logged there): a bug, not the client's
+        raise RuntimeError(f"generation failed: {done.error}")
+    return pb.GenerateResponse(
+        text=done.text,
+        token_ids=done.token_ids,
+        finish_reason=done.finish_reason,
+        prompt_tokens=done.prompt_tokens,
+        generated_tokens=len(done.token_ids),
+    )
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, service: Service, keys: ApiKeys) -> None:
+        self.service = service
+        self.keys = keys
+
+    @rpc
+    async def Generate(self, request: pb.GenerateRequest, principal: Principal) -> pb.GenerateResponse:
+        return response(await self.service.generate(parse_request(request), principal))
+
+    @rpc
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, principal: Principal
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        events = self.service.stream(parse_request(request), principal)
+        try:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    yield pb.GenerateStreamResponse(token=pb.Token(token_id=event.token_id, text=event.text))
+                else:
+                    yield pb.GenerateStreamResponse(done=response(event))
+        finally:
+            await events.aclose()  # a cancelled call cancels the sequence now
