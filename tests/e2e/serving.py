@@ -17,7 +17,12 @@ import httpx
 from tests.conftest import make_tiny_llama
 
 ADAPTERD = str(Path(sys.executable).with_name("adapterd"))
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 
 
 def free_port() -> int:
@@ -28,7 +33,7 @@ def free_port() -> int:
 
 def make_tiny_chat_model(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """A tiny random Llama with the default model's tokenizer and chat template (so text works)."""
-    make_tiny_llama(path, seed=seed, vocab_size=49152)
+    make_tiny_llama(path, seed=seed, vocab_size=49152, max_position_embeddings=4096)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, path / name)
@@ -62,8 +67,23 @@ class Server:
 
 def start_server(model: Path | str, store: Path, log: Path, *args: str, timeout: float = 120) -> Server:
     http_port, grpc_port = free_port(), free_port()
-    command = [ADAPTERD, "serve", "--model", str(model), "--quantize", "none", "--device", "cpu",
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--store", str(store), *args]
+    command = [
+        ADAPTERD,
+        "serve",
+        "--model",
+        str(model),
+        "--quantize",
+        "none",
+        "--device",
+        "cpu",
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--store",
+        str(store),
+        *args,
+    ]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True)
     server = Server(process, http_port, grpc_port, log)

@@ -12,7 +12,14 @@ from transformers import AutoTokenizer
 
 from adapterd.server.llm import encode_chat
 from adapterd.server.model.resolve import ResolvedModel
-from tests.reference import greedy_forward, greedy_generate, load_base, load_peft, make_lora_adapter, make_prompt_adapter
+from tests.reference import (
+    greedy_forward,
+    greedy_generate,
+    load_base,
+    load_peft,
+    make_lora_adapter,
+    make_prompt_adapter,
+)
 
 pytestmark = pytest.mark.slow
 ADAPTERD = str(Path(sys.executable).with_name("adapterd"))
