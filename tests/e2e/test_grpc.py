@@ -7,10 +7,6 @@ import asyncio
 import hashlib
 import io
 import json
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +26,7 @@ from transformers import AutoTokenizer
 from adapterd.server.llm import encode_chat
 from adapterd.server.model.resolve import ResolvedModel
 from adapterd.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
-from tests.conftest import make_tiny_llama
+from tests.e2e import serving
 from tests.reference import (
     greedy_forward,
     greedy_generate,
@@ -40,37 +36,24 @@ from tests.reference import (
     make_prompt_adapter,
 )
 
-ADAPTERD = str(Path(sys.executable).with_name("adapterd"))
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "special_tokens_map.json",
-)
 PROMPT = "The three primary colours are"
 NUM_TOKENS = 16
 MAX_UPLOAD_BYTES = 1_000_000
 SERVICES = ("adapterd.v1.Generation", "adapterd.v1.Adapters")
 KEYS = "adminkey admin\nuserkey user\nacmekey user acme\n"
-START_TIMEOUT_S = 120
-
-
-def make_tiny_llama_with_tokenizer(path: Path, tokenizer_dir: Path, **overrides: Any) -> Path:
-    """A tiny random Llama that can take text: the default model's tokenizer and its vocabulary size."""
-    make_tiny_llama(path, **{"vocab_size": 49152, **overrides})
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, path / name)
-    return path
-
-
-# -- a real server process --------------------------------------------------------------------------------
+SERVE_ARGS = ("--max-rank", "64", "--max-gpu-adapters", "4", "--kv-cache-tokens", "4096")
 
 
 @dataclass
 class Server:
-    http: str
+    """A running `adapterd serve` and a gRPC channel to it."""
+
+    process: serving.Server
     channel: grpc.Channel
+
+    @property
+    def http(self) -> str:
+        return self.process.url
 
     @property
     def generation(self) -> generation_pb2_grpc.GenerationStub:
@@ -81,55 +64,14 @@ class Server:
         return adapters_pb2_grpc.AdaptersStub(self.channel)
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @contextmanager
-def running_server(model_dir: Path, work_dir: Path, *extra: str) -> Iterator[Server]:
-    http_port, grpc_port = free_ports(2)
-    command = [
-        ADAPTERD, "serve", "--model", str(model_dir), "--quantize", "none", "--device", "cpu",
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--store", str(work_dir / "store"),
-        "--max-rank", "64", "--max-gpu-adapters", "4", "--kv-cache-tokens", "4096",
-        "--max-upload-bytes", str(MAX_UPLOAD_BYTES), *extra,
-    ]  # fmt: skip
-    log_path = work_dir / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    http = f"http://127.0.0.1:{http_port}"
-    try:
-        wait_until_healthy(process, http, log_path)
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            yield Server(http, channel)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def wait_until_healthy(process: subprocess.Popen[bytes], http: str, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"adapterd serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{http}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"adapterd serve was not healthy within {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+def grpc_server(model_dir: Path, work_dir: Path, *extra: str) -> Iterator[Server]:
+    args = (*SERVE_ARGS, "--max-upload-bytes", str(MAX_UPLOAD_BYTES), *extra)
+    with (
+        serving.running_server(model_dir, work_dir / "store", work_dir / "server.log", *args) as process,
+        grpc.insecure_channel(process.grpc_target) as channel,
+    ):
+        yield Server(process, channel)
 
 
 # -- requests ---------------------------------------------------------------------------------------------
@@ -201,9 +143,8 @@ def metric(server: Server, name: str) -> float:
 
 @pytest.fixture(scope="module")
 def model_dir(default_model: ResolvedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # max_position_embeddings: room for the long generation that the cancellation test cuts short.
-    path = tmp_path_factory.mktemp("tiny-llama-text")
-    return make_tiny_llama_with_tokenizer(path, default_model.path, max_position_embeddings=4096)
+    # max_position_embeddings 4096: room for the long generation that the cancellation test cuts short.
+    return serving.make_tiny_chat_model(tmp_path_factory.mktemp("tiny-llama-text"), default_model.path)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +174,7 @@ def expected(model_dir: Path, adapter_dirs: dict[str, Path], tokenizer: Any) -> 
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(model_dir, tmp_path_factory.mktemp("grpc-server")) as running:
+    with grpc_server(model_dir, tmp_path_factory.mktemp("grpc-server")) as running:
         yield running
 
 
@@ -249,7 +190,7 @@ def uploaded(server: Server, adapter_dirs: dict[str, Path]) -> dict[str, adapter
 def keyed_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     work_dir = tmp_path_factory.mktemp("grpc-keyed-server")
     (work_dir / "keys.txt").write_text(KEYS)
-    with running_server(model_dir, work_dir, "--api-keys", str(work_dir / "keys.txt")) as running:
+    with grpc_server(model_dir, work_dir, "--api-keys", str(work_dir / "keys.txt")) as running:
         yield running
 
 
