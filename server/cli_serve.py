@@ -13,6 +13,7 @@ import uvicorn
 from adapterd.server.auth import ApiKeys
 from adapterd.server.cli_run import engine_config
 from adapterd.server.config import ServerConfig, default_cache_dir
+from adapterd.server.grpc.server import start_grpc_server
 from adapterd.server.http.app import build_app
 from adapterd.server.llm import LLM
 from adapterd.server.service import Service
@@ -56,14 +57,15 @@ def serve_command(args: argparse.Namespace) -> int:
     )
     try:
         asyncio.run(serve(Service(llm, config), keys))
+    except OSError as exc:  # a port in use, an address not valid here
+        log.error("%s", exc)
+        return 2
     finally:
         llm.close()
     return 0
 
 
 async def serve(service: Service, keys: ApiKeys) -> None:
-    from adapterd.server.grpc.server import build_grpc_server
-
     config = service.config
     http = uvicorn.Server(
         uvicorn.Config(
@@ -74,8 +76,7 @@ async def serve(service: Service, keys: ApiKeys) -> None:
             lifespan="off",
         )
     )
-    grpc_server = build_grpc_server(service, keys, f"{config.host}:{config.grpc_port}")
-    await grpc_server.start()
+    grpc_server = await start_grpc_server(service, keys, f"{config.host}:{config.grpc_port}")
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)

@@ -53,3 +53,11 @@ class Forbidden(AdapterdError):
 class PayloadTooLarge(AdapterdError):
     http_status = 413
     error_type = "payload_too_large"
+
+
+class EngineFailed(AdapterdError):
+    """Our fault, not the client's: the engine step failed (logged on the server)."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+    error_type = "internal"

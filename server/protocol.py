@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from adapterd.server.errors import InvalidRequest
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 
@@ -40,6 +42,15 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+
+def sampling_params(**values: Any) -> SamplingParams:
+    """SamplingParams from front-end values (None means the default); bad values raise InvalidRequest."""
+    given = {k: v for k, v in values.items() if v is not None}
+    try:
+        return SamplingParams(**given)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(str(exc)) from exc
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 from adapterd.adapters.store import AdapterRecord
 from adapterd.server.auth import Principal
 from adapterd.server.config import ServerConfig
-from adapterd.server.errors import AdapterNotFound, Forbidden, InvalidRequest, Overloaded
+from adapterd.server.errors import AdapterNotFound, EngineFailed, Forbidden, InvalidRequest, Overloaded
 from adapterd.server.llm import LLM
 from adapterd.server.metrics import Metrics
 from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
@@ -85,6 +85,8 @@ class Service:
                         self.metrics.ttft.observe(time.perf_counter() - started)
                     num_tokens += 1
                     self.metrics.generated_tokens.inc()
+                if isinstance(event, Completion) and event.finish_reason == "error":
+                    raise EngineFailed(event.error or "the engine failed this request")
                 yield event
                 if isinstance(event, Completion):
                     return

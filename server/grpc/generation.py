@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator
 from adapterd.server.auth import ApiKeys, Principal
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.grpc.common import rpc
-from adapterd.server.http.params import sampling_params
-from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
+from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent, sampling_params
 from adapterd.server.service import Service
 from adapterd.v1 import generation_pb2 as pb
 from adapterd.v1 import generation_pb2_grpc
@@ -36,8 +35,6 @@ def parse_request(message: pb.GenerateRequest) -> GenerateRequest:
 
 
 def response(done: Completion) -> pb.GenerateResponse:
-    if done.error is not None:  # the engine failed the batch (already logged there): a bug, not the client's
-        raise RuntimeError(f"generation failed: {done.error}")
     return pb.GenerateResponse(
         text=done.text,
         token_ids=done.token_ids,

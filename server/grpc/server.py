@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,15 +21,24 @@ SERVICE_NAMES = (
 # Uploads arrive in chunks; this bounds one message (a chunk), not the upload (--max-upload-bytes does).
 MAX_MESSAGE_BYTES = 64 * 1024**2
 
-_background: set[asyncio.Task[None]] = set()
-
 
 class GrpcBindError(OSError):
     pass
 
 
-def build_grpc_server(service: Service, keys: ApiKeys, address: str) -> grpc.aio.Server:
-    """A grpc.aio server bound to `address` ("host:port"), not started. Call it on the loop that runs it."""
+@dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING to health checkers first, then finish in-flight calls for `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_grpc_server(service: Service, keys: ApiKeys, address: str) -> GrpcServer:
+    """Serve Generation, Adapters, health and reflection on `address` ("host:port")."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -43,7 +52,6 @@ def build_grpc_server(service: Service, keys: ApiKeys, address: str) -> grpc.aio
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    _set_serving(health_servicer)
     try:
         server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc only says "Failed to bind"; the usual causes are these
@@ -51,17 +59,7 @@ def build_grpc_server(service: Service, keys: ApiKeys, address: str) -> grpc.aio
             f"cannot serve gRPC on {address}: the port is in use or the address is not valid here "
             "(choose another with --grpc-port / --host)"
         ) from exc
-    return server
-
-
-def _set_serving(health_servicer: health.aio.HealthServicer) -> None:
-    """Mark the server ("") and each service SERVING. The task runs before the server answers any call:
-    the loop runs ready tasks in order, and the server can start serving only after this one was queued."""
-
-    async def set_all() -> None:
-        for name in ("", *SERVICE_NAMES):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    task = asyncio.get_running_loop().create_task(set_all())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await server.start()
+    return GrpcServer(server, health_servicer)

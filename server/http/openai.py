@@ -12,9 +12,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from adapterd.server.errors import AdapterdError, InvalidRequest
-from adapterd.server.http.params import NUMBER, field, json_body, messages_field, sampling_params, stop_list
+from adapterd.server.http.params import NUMBER, field, json_body, messages_field, stop_list
 from adapterd.server.http.sse import first_then_rest, sse_response
-from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
+from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent, sampling_params
 from adapterd.server.service import Service
 
 FINISH_REASONS = {"length": "length", "eos": "stop", "stop": "stop", "cancelled": "stop", "error": "stop"}

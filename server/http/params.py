@@ -8,7 +8,6 @@ from typing import Any
 from starlette.requests import Request
 
 from adapterd.server.errors import InvalidRequest
-from adapterd.server.protocol import SamplingParams
 
 NUMBER = (int, float)
 
@@ -45,15 +44,6 @@ def stop_list(value: Any, name: str = "stop") -> tuple[str, ...]:
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise InvalidRequest(f"{name} must be a string or a list of strings")
     return tuple(stops)
-
-
-def sampling_params(**values: Any) -> SamplingParams:
-    """SamplingParams from already-typed values (None means the default); bad ranges are 400s."""
-    given = {k: v for k, v in values.items() if v is not None}
-    try:
-        return SamplingParams(**given)
-    except (ValueError, TypeError) as exc:
-        raise InvalidRequest(str(exc)) from exc
 
 
 def messages_field(value: Any) -> tuple[dict[str, str], ...]:

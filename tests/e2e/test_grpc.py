@@ -470,7 +470,7 @@ def test_cancelled_stream_stops_the_generation(server: Server):
 
 def test_busy_port_is_a_clear_error():
     from adapterd.server.auth import ApiKeys
-    from adapterd.server.grpc.server import GrpcBindError, build_grpc_server
+    from adapterd.server.grpc.server import GrpcBindError, start_grpc_server
 
     async def bind_twice() -> None:
         occupant = grpc.aio.server()  # grpc's defaults, SO_REUSEPORT included
@@ -478,7 +478,7 @@ def test_busy_port_is_a_clear_error():
         await occupant.start()
         try:
             with pytest.raises(GrpcBindError, match=f"127.0.0.1:{port}.*--grpc-port"):
-                build_grpc_server(None, ApiKeys.open(), f"127.0.0.1:{port}")  # type: ignore[arg-type]
+                await start_grpc_server(None, ApiKeys.open(), f"127.0.0.1:{port}")  # type: ignore[arg-type]
         finally:
             await occupant.stop(None)
 
