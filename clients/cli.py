@@ -1,4 +1,5 @@
-"""The `adapterd` command. Server-side commands import torch lazily, so the client install stays light."""
+"""The `adapterd` command. Client commands (generate, adapters, train) need only the plain install;
+server-side commands (run, serve, trainer) import torch lazily, so the client install stays light."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from adapterd.clients.cli_client import add_client_commands
+from adapterd.clients.cli_train import add_train_commands
+from adapterd.clients.errors import AdapterdClientError
 
 SERVER_EXTRA_HINT = "this command needs the server extras: pip install 'adapterd[server]'"
 
@@ -21,7 +27,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-tokens", type=int, default=16384, help="KV cache budget in tokens")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """`command` is the command the line names: the server commands' own options come from modules that
+    import torch, so they are added only for that command, and client commands start fast."""
     parser = argparse.ArgumentParser(prog="adapterd", description="adapter model server")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="offline batch inference over JSONL")
@@ -31,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(run)
     serve = commands.add_parser("serve", help="serve HTTP and gRPC over one engine")
     add_model_args(serve)
-    _add_serve_args(serve)
+    if command == "serve":
+        _add_serve_args(serve)
+    if command == "trainer":
+        _add_trainer_command(commands)
+    add_client_commands(commands)
+    add_train_commands(commands)
     return parser
 
 
@@ -43,8 +56,22 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_serve_args(parser)
 
 
+def _add_trainer_command(commands: Any) -> None:
+    """`adapterd trainer` (the training side-service) plugs in here once adapterd.server.trainer exists:
+    its `add_trainer_command(commands)` adds the parser and sets `handler` (args -> exit status) with
+    `set_defaults`, as the client commands do."""
+    try:
+        from adapterd.server.trainer.cli import add_trainer_command
+    except ImportError:
+        return
+    add_trainer_command(commands)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    if hasattr(args, "handler"):
+        return run_handler(args)
     if args.command in ("run", "serve"):
         try:
             from adapterd.server.cli_run import run_command
@@ -54,6 +81,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return run_command(args) if args.command == "run" else serve_command(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Run a command; a refused request or an unreadable file is one line on stderr and exit status 1."""
+    try:
+        return int(args.handler(args))
+    except AdapterdClientError as exc:
+        return _fail(f"{type(exc).__name__}: {exc.message}")
+    except OSError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> int:
+    print(f"adapterd: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

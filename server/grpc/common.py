@@ -39,7 +39,8 @@ def authorization(context: grpc.aio.ServicerContext) -> str | None:
 async def abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     """End the call (`context.abort` raises): an AdapterdError with its own code and message; anything
     else is a bug of ours, logged and answered INTERNAL."""
-    if isinstance(exc, AdapterdError):
+    if isinstance(exc, AdapterdError):  # the error type travels too, so clients raise the same class as HTTP
+        context.set_trailing_metadata((("adapterd-error-type", exc.error_type),))
         await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
     log.error("gRPC %s failed", method, exc_info=exc)
     await context.abort(

@@ -34,7 +34,7 @@ def parse(body: dict[str, Any]) -> tuple[GenerateRequest, bool]:
         raise InvalidRequest("inputs must be a non-empty string")
     p = field(body, "parameters", dict, {})
     temperature = field(p, "temperature", NUMBER)
-    samples = bool(field(p, "do_sample", bool, False)) or bool(temperature) or "top_k" in p or "top_p" in p
+    samples = bool(field(p, "do_sample", bool, False)) or bool(temperature)  # else greedy; top_k/top_p unused
     params = sampling_params(
         max_new_tokens=field(p, "max_new_tokens", int, 20),
         temperature=(temperature or 1.0) if samples else 0.0,

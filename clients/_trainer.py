@@ -1,0 +1,92 @@
+"""The trainer's client methods (its HTTP API, /v1/training/jobs), written once for TrainerClient and
+AsyncTrainerClient. Jobs are the trainer's JSON objects: `id`, `adapter_id`, `method`, `status`
+("queued" | "running" | "succeeded" | "failed" | "cancelled"), `progress` (`step`, `total_steps`, `loss`),
+`metrics`, `error`."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from adapterd.clients._core import Call, StreamCall, endpoint, stream_endpoint
+from adapterd.clients._http_protocol import FilePart, HttpRequest
+from adapterd.clients.errors import JobNotFound, from_body
+
+Job = dict[str, Any]
+# A JSONL file's path, or the records themselves (dicts, or JSON lines as strings).
+TrainingData = str | Path | Iterable[Mapping[str, Any] | str]
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+def data_part(name: str, data: TrainingData) -> FilePart:
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: no such file: {path}")
+        return FilePart(name, path.name, path, "application/jsonl")
+    lines = (line if isinstance(line, str) else json.dumps(line) for line in data)
+    return FilePart(
+        name, f"{name}.jsonl", "".join(f"{line.rstrip()}\n" for line in lines).encode(), "application/jsonl"
+    )
+
+
+JOBS = "/v1/training/jobs"
+
+
+def job_path(job_id: str, suffix: str = "") -> str:
+    return f"{JOBS}/{quote(job_id, safe='')}{suffix}"
+
+
+def jobs(body: Any) -> builtins.list[Job]:
+    """A job listing: {"data": [...]} (as /v1/adapters answers), {"jobs": [...]} or a bare list."""
+    listing: Any = body.get("data", body.get("jobs", [])) if isinstance(body, dict) else body
+    return builtins.list(listing)
+
+
+def job_events(event: Any) -> builtins.list[Job]:
+    """One event of /events (the job after a change; its "error" is a string or null). An error event
+    (`{"error": {...}}`) ends the stream with its typed error."""
+    if isinstance(event, dict) and isinstance(event.get("error"), dict):
+        raise from_body(event, not_found=JobNotFound)
+    return [event]
+
+
+class TrainerApi:
+    @endpoint
+    def submit(
+        self, config: Mapping[str, Any], data: TrainingData, eval_data: TrainingData | None = None
+    ) -> Call[Job]:
+        """Queue a training job. `config` has at least adapter_id and method ("lora" | "qlora" |
+        "prompt_tuning"), and optional hyper-parameters (rank, alpha, target_modules, num_virtual_tokens,
+        epochs, max_steps, learning_rate, batch_size, max_seq_len, seed). `data` and `eval_data` are JSONL
+        files or records ({"prompt", "completion"} or {"messages": [...]}). Returns the queued job."""
+        files = [data_part("data", data)]
+        if eval_data is not None:
+            files.append(data_part("eval_data", eval_data))
+        request = HttpRequest("POST", JOBS, form={"config": json.dumps(dict(config))}, files=tuple(files))
+        return Call(request, dict, not_found=JobNotFound)
+
+    @endpoint
+    def get(self, job_id: str) -> Call[Job]:
+        """One job as it is now; JobNotFound if unknown."""
+        return Call(HttpRequest("GET", job_path(job_id)), dict, idempotent=True, not_found=JobNotFound)
+
+    @stream_endpoint
+    def watch(self, job_id: str) -> StreamCall[Job]:
+        """The job after each change (status, progress, metrics) until it ends."""
+        request = HttpRequest("GET", job_path(job_id, "/events"), timeout_reads=False)
+        return StreamCall(request, lambda: job_events, not_found=JobNotFound)
+
+    @endpoint
+    def cancel(self, job_id: str) -> Call[Job]:
+        """Cancel a queued or running job; returns the job as it is then."""
+        return Call(HttpRequest("POST", job_path(job_id, "/cancel")), dict, not_found=JobNotFound)
+
+    @endpoint
+    def list(self) -> Call[builtins.list[Job]]:
+        """Every job, newest first."""
+        return Call(HttpRequest("GET", JOBS), jobs, idempotent=True, not_found=JobNotFound)

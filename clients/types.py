@@ -1,0 +1,122 @@
+"""What the clients return (`Generation`, `Token`, `Adapter`) and the sampling options they take."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypedDict
+
+Messages = Sequence[Mapping[str, str]]  # chat turns: [{"role": "user", "content": "..."}, ...]
+
+# Sent when the caller gives no max_new_tokens, so every transport and route generates the same length
+# (the server's own defaults differ: TGI routes 20, OpenAI chat 256, gRPC 64).
+DEFAULT_MAX_NEW_TOKENS = 64
+
+# The server's finish reasons on every route, normalised to the gRPC / `adapterd run` names.
+FINISH_REASONS = {"eos_token": "eos", "stop_sequence": "stop"}
+
+
+class SamplingOptions(TypedDict, total=False):
+    """The keyword arguments of generate(), generate_stream() and chat(), the same on every client.
+    temperature 0 or unset is greedy decoding; top_p and top_k apply only when sampling."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int
+    stop: str | list[str]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """SamplingOptions checked for names (values are the server's to judge, so that every transport
+    refuses the same values with the same InvalidRequest)."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> Sampling:
+        unknown = set(options) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        given = {name: value for name, value in options.items() if value is not None}
+        stop = given.pop("stop", ())
+        return cls(**given, stop=(stop,) if isinstance(stop, str) else tuple(stop))
+
+    @property
+    def is_sampling(self) -> bool:
+        return bool(self.temperature)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished generation. `finish_reason` is "length", "eos", "stop" or "cancelled".
+    `token_ids` is None only for chat() over HTTP, whose OpenAI route does not return ids."""
+
+    text: str
+    token_ids: list[int] | None
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class Token:
+    """One streamed token. The last token of a stream carries the whole `generation`."""
+
+    id: int
+    text: str
+    generation: Generation | None = None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter's description, as the server stores it."""
+
+    id: str
+    type: str  # "lora" | "prompt_tuning"
+    rank: int | None  # LoRA only
+    num_virtual_tokens: int | None  # prompt tuning only
+    target_modules: list[str]
+    base_model: str
+    version: int
+    sha256: str
+    size_bytes: int
+    created_at: str  # ISO 8601 UTC
+    residency: str  # "disk" | "cpu" | "gpu"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, description: Mapping[str, Any]) -> Adapter:
+        """From the server's JSON description (extra keys, e.g. "deleted", are ignored)."""
+        values: dict[str, Any] = {f.name: description.get(f.name) for f in fields(cls)}
+        values["target_modules"] = list(values["target_modules"] or [])
+        values["metadata"] = dict(values["metadata"] or {})
+        values["residency"] = values["residency"] or "disk"
+        return cls(**values)
+
+
+def finish_reason(name: str) -> str:
+    return FINISH_REASONS.get(name, name)
+
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """A local PEFT adapter directory's (adapter_config.json, adapter_model.safetensors)."""
+    config, weights = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
+    for needed in (config, weights):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{path} is not a PEFT adapter directory: {needed.name} is missing")
+    return config, weights
