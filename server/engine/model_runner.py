@@ -39,13 +39,14 @@ class ModelRunner:
         context = start + num_new  # [B] keys each row sees
         key_pos = torch.arange(int(context.max()), device=dev)[None, :]  # [1, L]
         tables = self._block_tables(seqs)  # [B, max_blocks]
-        write_slots = torch.where(is_real, self._slots(tables, positions), -1)
+        write_slots = self._slots(tables, positions)[is_real]  # row-major over the real tokens
         read_slots = self._slots(tables, torch.where(key_pos < context[:, None], key_pos, 0))
         attn_mask = (key_pos[:, None, :] <= positions[:, :, None]) & (key_pos < context[:, None])[:, None, :]
         return ForwardBatch(
             input_ids=self._padded(new_ids, width),
             positions=positions,
-            write_slots=write_slots,
+            write_index=write_slots,
+            real_tokens=None if bool(is_real.all()) else is_real.flatten().nonzero().squeeze(1),
             read_slots=read_slots,
             attn_mask=attn_mask[:, None],  # [B, 1, T, L]; padding queries see key 0 only
             last_index=num_new - 1,

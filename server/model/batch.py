@@ -14,7 +14,8 @@ import torch
 class ForwardBatch:
     input_ids: torch.Tensor  # [B, T] long; padding rows/columns hold 0
     positions: torch.Tensor  # [B, T] long; position of each new token (soft-prompt rows count from 0)
-    write_slots: torch.Tensor  # [B, T] long; flat KV-cache slot of each new token, -1 for padding
+    write_index: torch.Tensor  # [N] long; flat KV-cache slot of each real new token, row-major
+    real_tokens: torch.Tensor | None  # [N] long; their indices in the flattened [B*T]; None when all are real
     read_slots: torch.Tensor  # [B, L] long; flat KV-cache slots of every key the row sees (prefix + new)
     attn_mask: torch.Tensor  # [B, 1, T, L] bool; True where query t may attend to key l
     last_index: torch.Tensor  # [B] long; column of each row's last real token (its logits are sampled)

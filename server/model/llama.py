@@ -77,16 +77,25 @@ class Attention(nn.Module):
         k = self.k_proj(x, *lora).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x, *lora).view(bsz, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, *rope)  # q: [B, H, T, D], k: [B, KVH, T, D]
-        is_real = batch.write_slots >= 0
-        k_cache[batch.write_slots[is_real]] = k.transpose(1, 2)[is_real].to(k_cache.dtype)
-        v_cache[batch.write_slots[is_real]] = v[is_real].to(v_cache.dtype)
+        self._write_cache(k.transpose(1, 2), v, batch, k_cache, v_cache)
         keys = k_cache[batch.read_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
         values = v_cache[batch.read_slots].transpose(1, 2).to(q.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.attn_mask, scale=self.scale)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=batch.attn_mask, scale=self.scale, enable_gqa=True
+        )
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
         return self.o_proj(out, *lora)
+
+    @staticmethod
+    def _write_cache(
+        k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> None:
+        """Store the new tokens' K/V ([B, T, KVH, D]) at their cache slots; padding is skipped."""
+        k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # [B*T, KVH, D]
+        if batch.real_tokens is not None:
+            k, v = k[batch.real_tokens], v[batch.real_tokens]
+        k_cache.index_copy_(0, batch.write_index, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, batch.write_index, v.to(v_cache.dtype))
 
 
 class MLP(nn.Module):
