@@ -6,7 +6,7 @@ import torch
 
 from adapterd.server.engine.adapter_slots import AdapterSlots
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.model.batch import ForwardBatch
+from adapterd.server.model.batch import ForwardBatch, LoraBatch
 from adapterd.server.model.llama import KVCache, LlamaModel
 
 
@@ -50,9 +50,8 @@ class ModelRunner:
             read_slots=read_slots,
             attn_mask=attn_mask[:, None],  # [B, 1, T, L]; padding queries see key 0 only
             last_index=num_new - 1,
-            lora_slots=self._adapter_slots(seqs, lora=True),
-            lora_rank=max((s.adapter.rank for s in seqs if s.adapter), default=0),
-            prompt_slots=self._adapter_slots(seqs, lora=False),
+            lora=self._lora_batch(seqs),
+            prompt_slots=self._slots_tensor(self._adapter_slots(seqs, lora=False)),
             prompt_lengths=torch.tensor([s.num_virtual for s in seqs], dtype=long, device=dev),
         )
 
@@ -69,8 +68,16 @@ class ModelRunner:
         padded = [row + [0] * (width - len(row)) for row in rows]
         return torch.tensor(padded, dtype=torch.long, device=self.device)
 
-    def _adapter_slots(self, seqs: list[Sequence], lora: bool) -> torch.Tensor:
-        slots = [
+    def _lora_batch(self, seqs: list[Sequence]) -> LoraBatch:
+        slots = self._adapter_slots(seqs, lora=True)
+        rank = max((s.adapter.rank for s in seqs if s.adapter), default=0)
+        shared = slots[0] if len(set(slots)) == 1 and slots[0] >= 0 else None
+        return LoraBatch(self._slots_tensor(slots), rank, shared)
+
+    def _adapter_slots(self, seqs: list[Sequence], lora: bool) -> list[int]:
+        return [
             self.adapters.slot_of(s.adapter) if s.adapter and s.adapter.is_lora == lora else -1 for s in seqs
         ]
+
+    def _slots_tensor(self, slots: list[int]) -> torch.Tensor:
         return torch.tensor(slots, dtype=torch.long, device=self.device)

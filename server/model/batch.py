@@ -10,6 +10,15 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True)
+class LoraBatch:
+    """Which LoRA slot each row uses, decided once per step."""
+
+    slots: torch.Tensor  # [B] long; device slot of each row's LoRA adapter, -1 for none
+    rank: int  # largest rank among the rows' adapters, 0 when no row has a LoRA
+    shared_slot: int | None = None  # the slot of every row, when all rows use the same adapter
+
+
 @dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [B, T] long; padding rows/columns hold 0
@@ -19,14 +28,9 @@ class ForwardBatch:
     read_slots: torch.Tensor  # [B, L] long; flat KV-cache slots of every key the row sees (prefix + new)
     attn_mask: torch.Tensor  # [B, 1, T, L] bool; True where query t may attend to key l
     last_index: torch.Tensor  # [B] long; column of each row's last real token (its logits are sampled)
-    lora_slots: torch.Tensor  # [B] long; GPU slot of each row's LoRA adapter, -1 for none
-    lora_rank: int  # largest rank among the rows' adapters, 0 when no row has a LoRA
+    lora: LoraBatch
     prompt_slots: torch.Tensor  # [B] long; soft-prompt slot of each row, -1 for none
     prompt_lengths: torch.Tensor  # [B] long; virtual tokens of each row's soft prompt, 0 for none
-
-    @property
-    def has_lora(self) -> bool:
-        return self.lora_rank > 0
 
     @property
     def has_soft_prompts(self) -> bool:

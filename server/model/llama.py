@@ -72,10 +72,10 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape  # x: [B, T, hidden]
-        lora = (batch.lora_slots, batch.lora_rank)
-        q = self.q_proj(x, *lora).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x, *lora).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x, *lora).view(bsz, seq, self.num_kv_heads, self.head_dim)
+        lora = batch.lora
+        q = self.q_proj(x, lora).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x, lora).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x, lora).view(bsz, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, *rope)  # q: [B, H, T, D], k: [B, KVH, T, D]
         self._write_cache(k.transpose(1, 2), v, batch, k_cache, v_cache)
         keys = k_cache[batch.read_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
@@ -84,7 +84,7 @@ class Attention(nn.Module):
             q, keys, values, attn_mask=batch.attn_mask, scale=self.scale, enable_gqa=True
         )
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out, *lora)
+        return self.o_proj(out, lora)
 
     @staticmethod
     def _write_cache(
@@ -107,8 +107,8 @@ class MLP(nn.Module):
         self.down_proj = linears["down_proj"]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        lora = (batch.lora_slots, batch.lora_rank)
-        return self.down_proj(F.silu(self.gate_proj(x, *lora)) * self.up_proj(x, *lora), *lora)
+        lora = batch.lora
+        return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
 
 
 class DecoderLayer(nn.Module):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adapterd.server.model.batch import LoraBatch
+
 
 def bgmv_reference(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, rank: int
@@ -24,6 +26,13 @@ def bgmv_reference(
     shrunk = torch.bmm(x, a[index, :, :rank])  # [B, T, rank]
     delta = torch.bmm(shrunk, b[index, :rank, :])  # [B, T, out]
     return delta * has_adapter.to(delta.dtype)[:, None, None]
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+    """The batch's LoRA delta: two plain matmuls when every row uses one adapter, else the gather op."""
+    if lora.shared_slot is not None:
+        return (x @ a[lora.shared_slot, :, : lora.rank]) @ b[lora.shared_slot, : lora.rank, :]
+    return bgmv_reference(x, a, b, lora.slots, lora.rank)
 
 
 class LoRALinear(nn.Module):
@@ -52,9 +61,8 @@ class LoRALinear(nn.Module):
         self.lora_a[slot, :, :rank].copy_(a.t())
         self.lora_b[slot, :rank, :].copy_(b.t())
 
-    def forward(self, x: torch.Tensor, lora_slots: torch.Tensor | None = None, rank: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         y = self.base(x)
-        if rank == 0 or lora_slots is None or self.lora_a is None or self.lora_b is None:
+        if lora is None or lora.rank == 0 or self.lora_a is None or self.lora_b is None:
             return y
-        delta = bgmv_reference(x.to(self.lora_a.dtype), self.lora_a, self.lora_b, lora_slots, rank)
-        return y + delta.to(y.dtype)
+        return y + lora_delta(x.to(self.lora_a.dtype), self.lora_a, self.lora_b, lora).to(y.dtype)

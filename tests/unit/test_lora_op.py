@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from adapterd.server.model.lora import LoRALinear, bgmv_reference
+from adapterd.server.model.batch import LoraBatch
+from adapterd.server.model.lora import LoRALinear, bgmv_reference, lora_delta
 
 IN, OUT, MAX_RANK, NUM_SLOTS = 48, 40, 64, 4
 TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.float64: {"rtol": 1e-12, "atol": 1e-12}}
@@ -98,7 +99,7 @@ def test_forward_adds_each_rows_delta_to_the_base_output(dtype: torch.dtype) -> 
     fill(layer, adapters)
     slots = [2, -1, 0, 1]
     x = torch.randn(len(slots), 5, IN, generator=torch.Generator().manual_seed(3), dtype=dtype)
-    y = layer(x, torch.tensor(slots), MAX_RANK)
+    y = layer(x, LoraBatch(torch.tensor(slots), MAX_RANK))
     expected = layer.base(x) + per_row_reference(x, slots, adapters)
     torch.testing.assert_close(y, expected, **TOLERANCES[dtype])
     assert torch.equal(y[1], layer.base(x)[1])
@@ -109,17 +110,17 @@ def test_forward_with_rank_zero_or_no_slots_is_exactly_the_base_output() -> None
     fill(layer, three_ranks(torch.float32))
     x = torch.randn(3, 2, IN)
     base = layer.base(x)
-    assert torch.equal(layer(x, torch.tensor([0, 1, 2]), rank=0), base)
-    assert torch.equal(layer(x, None, rank=MAX_RANK), base)
+    assert torch.equal(layer(x, LoraBatch(torch.tensor([0, 1, 2]), 0)), base)
+    assert torch.equal(layer(x, None), base)
     assert torch.equal(layer(x), base)
-    assert torch.equal(layer(x, torch.tensor([-1, -1, -1]), rank=MAX_RANK), base)
+    assert torch.equal(layer(x, LoraBatch(torch.tensor([-1, -1, -1]), MAX_RANK)), base)
 
 
 def test_forward_without_allocated_slots_is_exactly_the_base_output() -> None:
     base = nn.Linear(IN, OUT)
     layer = LoRALinear(base, IN, OUT)
     x = torch.randn(2, 3, IN)
-    assert torch.equal(layer(x, torch.tensor([0, 1]), rank=8), base(x))
+    assert torch.equal(layer(x, LoraBatch(torch.tensor([0, 1]), 8)), base(x))
 
 
 def test_clearing_a_slot_leaves_the_others() -> None:
@@ -128,7 +129,7 @@ def test_clearing_a_slot_leaves_the_others() -> None:
     layer.set_slot(1, None, None)
     slots = [0, 1, 2]
     x = torch.randn(len(slots), 2, IN, dtype=torch.float64)
-    y = layer(x, torch.tensor(slots), MAX_RANK)
+    y = layer(x, LoraBatch(torch.tensor(slots), MAX_RANK))
     assert torch.equal(y[1], layer.base(x)[1])
     del adapters[1]
     expected = layer.base(x) + per_row_reference(x, [0, -1, 2], adapters)
@@ -141,5 +142,21 @@ def test_a_smaller_adapter_replaces_a_larger_one_without_leftovers() -> None:
     small = Adapter(4, seed=6, dtype=torch.float64)
     fill(layer, {0: small})
     x = torch.randn(2, 3, IN, dtype=torch.float64)
-    y = layer(x, torch.tensor([0, 0]), MAX_RANK)
+    y = layer(x, LoraBatch(torch.tensor([0, 0]), MAX_RANK))
     torch.testing.assert_close(y, layer.base(x) + small.delta(x), **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("rank", [4, 16, MAX_RANK])
+def test_one_adapter_for_every_row_takes_the_plain_matmul_path_with_the_same_result(rank: int) -> None:
+    layer, adapters = make_layer(torch.float64), three_ranks(torch.float64)
+    fill(layer, adapters)
+    x = torch.randn(4, 3, IN, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    slots = torch.full((4,), 1)
+    assert layer.lora_a is not None and layer.lora_b is not None
+    shared = lora_delta(x, layer.lora_a, layer.lora_b, LoraBatch(slots, rank, shared_slot=1))
+    gathered = bgmv_reference(x, layer.lora_a, layer.lora_b, slots, rank)
+    torch.testing.assert_close(shared, gathered, **TOLERANCES[torch.float64])
+    if rank >= adapters[1].a.shape[0]:  # rank covers the adapter: both equal PEFT's formula
+        torch.testing.assert_close(
+            shared, per_row_reference(x, [1] * 4, adapters), **TOLERANCES[torch.float64]
+        )

@@ -1,0 +1,173 @@
+"""`adapterd trainer` (the training service) and `adapterd eval` (score a model on JSONL through a server).
+
+Until the `adapterd` console script wires them, run them as
+`python -m adapterd.server.trainer.cli trainer ...` and `python -m adapterd.server.trainer.cli eval ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the client-only install has no torch: server modules are imported when run
+    from adapterd.server.auth import ApiKeys
+    from adapterd.server.trainer.jobs import JobStore
+    from adapterd.server.trainer.service import Base
+
+log = logging.getLogger("adapterd.trainer")
+
+
+def env_api_key() -> str | None:
+    """The server's API key from the environment (keeps it off the command line and out of `ps`)."""
+    return os.environ.get("ADAPTERD_API_KEY")
+
+
+def add_trainer_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default="http://127.0.0.1:8080", help="the adapterd server's HTTP URL")
+    parser.add_argument(
+        "--server-grpc",
+        help="the server's gRPC address (host:port); when given, uploads go over gRPC and carry metadata",
+    )
+    parser.add_argument(
+        "--server-api-key", default=env_api_key(), help="admin key (default: $ADAPTERD_API_KEY)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=8081)
+    parser.add_argument("--grpc-port", type=int, default=50052)
+    parser.add_argument("--work-dir", type=Path, help="jobs and their files (default: <cache>/trainer)")
+    parser.add_argument("--model", default="default", help="the server's base model: default | PATH | HUB_ID")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--api-keys", type=Path, help="keys for the trainer's own API ('KEY ROLE [TENANT]')")
+
+
+def trainer_command(args: argparse.Namespace) -> int:
+    from adapterd.server.auth import ApiKeys
+    from adapterd.server.config import default_cache_dir
+    from adapterd.server.model.loader import Placement
+    from adapterd.server.model.resolve import resolve_model
+    from adapterd.server.trainer.jobs import JobStore
+    from adapterd.server.trainer.service import Base
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys = ApiKeys.load(args.api_keys) if args.api_keys else ApiKeys.open()
+    resolved = resolve_model(args.model, default_cache_dir())
+    dtype = str(Placement.resolve(args.device, "none").dtype).removeprefix("torch.")
+    base = Base(resolved.name, resolved.path, args.device, dtype)
+    store = JobStore(args.work_dir or default_cache_dir() / "trainer")
+    log.info("training adapters of %s for %s; jobs in %s", base.name, args.server, store.root)
+    try:
+        asyncio.run(serve(args, store, base, keys))
+    except OSError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+async def serve(args: argparse.Namespace, store: JobStore, base: Base, keys: ApiKeys) -> None:
+    import uvicorn
+
+    from adapterd.server.trainer.grpc_api import start_grpc_server
+    from adapterd.server.trainer.http_api import build_app
+    from adapterd.server.trainer.remote import ServerClient
+    from adapterd.server.trainer.service import TrainerService
+
+    server = ServerClient(args.server, args.server_api_key, args.server_grpc)
+    service = TrainerService(store, base, server)
+    config = uvicorn.Config(
+        build_app(service, keys),
+        host=args.host,
+        port=args.http_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    http = uvicorn.Server(config)
+    grpc_server = await start_grpc_server(service, keys, f"{args.host}:{args.grpc_port}")
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+    runner = asyncio.create_task(service.run_forever())
+    http_task = asyncio.create_task(http.serve())
+    log.info("serving HTTP on %s:%d and gRPC on %s:%d", args.host, args.http_port, args.host, args.grpc_port)
+    await asyncio.wait([http_task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    runner.cancel()  # stops a running worker; its job is marked failed, as after a crash
+    with suppress(asyncio.CancelledError):
+        await runner
+    http.should_exit = True
+    await http_task
+    await grpc_server.stop(grace=2)
+    await server.close()
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="JSONL: prompt/completion or messages")
+    parser.add_argument("--adapter-id", help="the adapter to score (default: the base model)")
+    parser.add_argument("--server", default="http://127.0.0.1:8080", help="the adapterd server's HTTP URL")
+    parser.add_argument("--api-key", default=env_api_key(), help="API key (default: $ADAPTERD_API_KEY)")
+    parser.add_argument("--out", type=Path, help="write each example's prediction here (JSONL)")
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from adapterd.server.errors import AdapterdError
+
+    try:
+        scores = asyncio.run(_evaluate(args))
+    except (AdapterdError, OSError) as exc:
+        print(f"adapterd eval: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"adapter_id": args.adapter_id, **scores}, indent=2))
+    return 0
+
+
+async def _evaluate(args: argparse.Namespace) -> dict[str, object]:
+    from adapterd.server.trainer.data import read_examples
+    from adapterd.server.trainer.evaluate import evaluate_remote
+    from adapterd.server.trainer.remote import ServerClient
+
+    with args.data.open("rb") as lines:
+        examples = read_examples(lines, str(args.data))
+    server = ServerClient(args.server, args.api_key)
+    try:
+        scores, predictions = await evaluate_remote(server, examples, args.adapter_id)
+    finally:
+        await server.close()
+    if args.out:
+        with args.out.open("w") as out:
+            for example, prediction in zip(examples, predictions, strict=True):
+                out.write(json.dumps({"line": example.line, "prediction": prediction}) + "\n")
+    return scores.to_dict()
+
+
+def add_trainer_command(commands: Any) -> None:
+    """`adapterd trainer`: adds the parser to the `adapterd` command's subparsers, with its `handler`."""
+    trainer = commands.add_parser("trainer", help="the training service (jobs over HTTP and gRPC)")
+    add_trainer_args(trainer)
+    trainer.set_defaults(handler=trainer_command)
+
+
+def add_eval_command(commands: Any) -> None:
+    """`adapterd eval`: as `add_trainer_command`."""
+    evaluate = commands.add_parser("eval", help="score the base model or an adapter on JSONL, via a server")
+    add_eval_args(evaluate)
+    evaluate.set_defaults(handler=eval_command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adapterd")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_trainer_command(commands)
+    add_eval_command(commands)
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""What a job trains: `JobConfig`, its defaults, and validation that names the field at fault."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from adapterd.adapters.format import MODULE_GROUPS, InvalidAdapterId, validate_adapter_id
+from adapterd.server.trainer.errors import InvalidConfig
+
+METHODS = ("lora", "qlora", "prompt_tuning")
+ALL_LINEAR = tuple(MODULE_GROUPS)  # q, k, v, o, gate, up, down
+# Peak learning rates that work for small data sets; prompt tuning needs a much larger one.
+DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "prompt_tuning": 3e-2}
+LIMITS = {  # field -> (smallest, largest) allowed
+    "rank": (1, 1024),
+    "alpha": (1e-6, 1e6),
+    "num_virtual_tokens": (1, 1024),
+    "epochs": (1, 1000),
+    "max_steps": (1, 10_000_000),
+    "learning_rate": (1e-9, 10.0),
+    "batch_size": (1, 4096),
+    "max_seq_len": (8, 1_048_576),
+    "seed": (0, 2**63 - 1),
+}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A training job's settings; `from_dict` fills the defaults. Field names are the API's."""
+
+    adapter_id: str
+    method: str
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    num_virtual_tokens: int = 20
+    prompt_tuning_init_text: str | None = None
+    epochs: int = 3
+    max_steps: int | None = None  # wins over epochs
+    learning_rate: float | None = None  # None: the method's default (from_dict fills it in)
+    batch_size: int = 8
+    max_seq_len: int = 1024
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: Any) -> JobConfig:
+        """Validate an API config (HTTP JSON or the gRPC message as a dict); raises InvalidConfig."""
+        if not isinstance(values, dict):
+            raise InvalidConfig("", "the config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidConfig(unknown[0], f"unknown field; the fields are {', '.join(sorted(known))}")
+        given = {k: v for k, v in values.items() if v is not None}
+        adapter_id = _adapter_id(given.get("adapter_id"))
+        method = _method(given.get("method"))
+        config = cls(adapter_id=adapter_id, method=method)
+        updates: dict[str, Any] = {
+            name: _checked(name, value) for name, value in given.items() if name in LIMITS
+        }
+        if "target_modules" in given:
+            updates["target_modules"] = _target_modules(given["target_modules"])
+        if "prompt_tuning_init_text" in given:
+            updates["prompt_tuning_init_text"] = _init_text(given["prompt_tuning_init_text"])
+        updates.setdefault("learning_rate", DEFAULT_LEARNING_RATE[method])
+        return config.replace(**updates)
+
+    def replace(self, **updates: Any) -> JobConfig:
+        return type(self)(**{**asdict(self), **updates})
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["target_modules"] = list(self.target_modules)
+        return values
+
+    @property
+    def peak_learning_rate(self) -> float:
+        return self.learning_rate or DEFAULT_LEARNING_RATE[self.method]
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+
+def _adapter_id(value: Any) -> str:
+    if value is None or value == "":
+        raise InvalidConfig("adapter_id", "is required")
+    try:
+        return validate_adapter_id(value)
+    except InvalidAdapterId as exc:
+        raise InvalidConfig("adapter_id", str(exc)) from exc
+
+
+def _method(value: Any) -> str:
+    if value is None or value == "":
+        raise InvalidConfig("method", f"is required: one of {', '.join(METHODS)}")
+    if value not in METHODS:
+        raise InvalidConfig("method", f"unknown method {value!r}; use one of {', '.join(METHODS)}")
+    return str(value)
+
+
+def _checked(name: str, value: Any) -> int | float:
+    wants_int = name not in ("alpha", "learning_rate")
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or (wants_int and not float(value).is_integer()) or not math.isfinite(value):
+        raise InvalidConfig(name, f"must be {'an integer' if wants_int else 'a number'}, not {value!r}")
+    low, high = LIMITS[name]
+    if not low <= value <= high:
+        raise InvalidConfig(name, f"must be between {low:g} and {high:g}, not {value!r}")
+    return int(value) if wants_int else float(value)
+
+
+def _target_modules(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise InvalidConfig("target_modules", "must be a list of module names")
+    unknown = [m for m in value if m not in ALL_LINEAR]
+    if unknown:
+        raise InvalidConfig("target_modules", f"unknown module {unknown[0]!r}; use {', '.join(ALL_LINEAR)}")
+    return tuple(dict.fromkeys(value)) or ALL_LINEAR  # empty means the default set, as in the proto
+
+
+def _init_text(value: Any) -> str | None:
+    if not isinstance(value, str):
+        raise InvalidConfig("prompt_tuning_init_text", "must be a string")
+    return value or None

@@ -1,0 +1,148 @@
+"""The `adapterd.v1.Training` servicer and the trainer's gRPC server (with health checking and reflection)."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adapterd.server.auth import ApiKeys, Principal
+from adapterd.server.errors import InvalidRequest
+from adapterd.server.grpc.common import rpc
+from adapterd.server.grpc.server import MAX_MESSAGE_BYTES, GrpcBindError, GrpcServer
+from adapterd.server.trainer.config import JobConfig
+from adapterd.server.trainer.jobs import Job
+from adapterd.server.trainer.service import TrainerService
+from adapterd.v1 import training_pb2 as pb
+from adapterd.v1 import training_pb2_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Training"].full_name
+OPTIONAL_FIELDS = (
+    "rank",
+    "alpha",
+    "num_virtual_tokens",
+    "epochs",
+    "max_steps",
+    "learning_rate",
+    "batch_size",
+    "max_seq_len",
+    "seed",
+    "prompt_tuning_init_text",
+)
+
+
+def config_dict(message: pb.JobConfig) -> dict[str, Any]:
+    """The proto config as the HTTP API's JSON: unset fields absent, so they take the defaults."""
+    values: dict[str, Any] = {"adapter_id": message.adapter_id, "method": message.method}
+    values.update({name: getattr(message, name) for name in OPTIONAL_FIELDS if message.HasField(name)})
+    if message.target_modules:
+        values["target_modules"] = list(message.target_modules)
+    return values
+
+
+def job_message(job: dict[str, Any]) -> pb.Job:
+    """A job dict (`Job.to_dict()`) as the proto message; metrics only once evaluated."""
+    message = pb.Job(
+        id=job["id"],
+        adapter_id=job["adapter_id"],
+        method=job["method"],
+        status=job["status"],
+        progress=pb.JobProgress(**job["progress"]),
+        error=job["error"] or "",
+        created_at=job["created_at"],
+        started_at=job["started_at"] or "",
+        finished_at=job["finished_at"] or "",
+    )
+    for name, scores in (job["metrics"] or {}).items():
+        getattr(message.metrics, name).CopyFrom(
+            pb.EvalScores(
+                exact_match=scores["exact_match"],
+                rouge1=scores["rouge1"],
+                rouge2=scores["rouge2"],
+                rouge_l=scores["rougeL"],
+            )
+        )
+    return message
+
+
+async def receive_files(parts: AsyncIterator[pb.SubmitJobRequest], tmp: Path) -> tuple[Path, Path | None]:
+    """Write the data chunks, then the eval data chunks, to files; refuse anything out of order."""
+    data, eval_data = tmp / "data", tmp / "eval_data"
+    with data.open("wb") as data_file, eval_data.open("wb") as eval_file:
+        async for part in parts:
+            kind = part.WhichOneof("part")
+            if kind == "data_chunk" and eval_file.tell() == 0:
+                data_file.write(part.data_chunk)
+            elif kind == "eval_data_chunk":
+                eval_file.write(part.eval_data_chunk)
+            else:
+                raise InvalidRequest(
+                    "send the config first and only once, then data chunks, then eval_data chunks"
+                )
+    if data.stat().st_size == 0:
+        raise InvalidRequest("no training data: send data_chunk messages after the config")
+    return data, eval_data if eval_data.stat().st_size else None
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServicer):
+    def __init__(self, service: TrainerService, keys: ApiKeys) -> None:
+        self.service = service
+        self.keys = keys
+
+    @rpc
+    async def SubmitJob(self, requests: AsyncIterator[pb.SubmitJobRequest], principal: Principal) -> pb.Job:
+        parts = aiter(requests)
+        first = await anext(parts, None)
+        if first is None or first.WhichOneof("part") != "config":
+            raise InvalidRequest("the first message of SubmitJob must be the config")
+        config = JobConfig.from_dict(config_dict(first.config))
+        principal.require_owner(config.adapter_id)  # before receiving any data
+        with tempfile.TemporaryDirectory(dir=self.service.store.tmp) as tmp:
+            data, eval_data = await receive_files(parts, Path(tmp))
+            job = await self.service.submit(config, data, eval_data, principal)
+        return job_message(job.to_dict())
+
+    @rpc
+    async def GetJob(self, request: pb.GetJobRequest, principal: Principal) -> pb.Job:
+        return job_message(self.service.get(request.id, principal).to_dict())
+
+    @rpc
+    async def ListJobs(self, request: pb.ListJobsRequest, principal: Principal) -> pb.ListJobsResponse:
+        jobs: list[Job] = self.service.list_jobs(principal)
+        return pb.ListJobsResponse(jobs=[job_message(job.to_dict()) for job in jobs])
+
+    @rpc
+    async def WatchJob(self, request: pb.WatchJobRequest, principal: Principal) -> AsyncIterator[pb.JobEvent]:
+        async for kind, job in self.service.watch(request.id, principal):
+            yield pb.JobEvent(type=kind, job=job_message(job))
+
+    @rpc
+    async def CancelJob(self, request: pb.CancelJobRequest, principal: Principal) -> pb.Job:
+        return job_message((await self.service.cancel(request.id, principal)).to_dict())
+
+
+async def start_grpc_server(service: TrainerService, keys: ApiKeys, address: str) -> GrpcServer:
+    """Serve Training, health and reflection on `address` ("host:port")."""
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
+    )
+    training_pb2_grpc.add_TrainingServicer_to_server(TrainingServicer(service, keys), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise GrpcBindError(
+            f"cannot serve gRPC on {address}: the port is in use or the address is not valid here "
+            "(choose another with --grpc-port / --host)"
+        ) from exc
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await server.start()
+    return GrpcServer(server, health_servicer)
