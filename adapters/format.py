@@ -96,21 +96,31 @@ class BaseModelInfo:
 
     @classmethod
     def from_hf_config(cls, config: Any, name: str) -> BaseModelInfo:
-        hidden = config.hidden_size
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-        q_out, kv_out, inter = num_heads * head_dim, num_kv_heads * head_dim, config.intermediate_size
-        shapes = {
-            "q_proj": (hidden, q_out),
-            "k_proj": (hidden, kv_out),
-            "v_proj": (hidden, kv_out),
-            "o_proj": (q_out, hidden),
-            "gate_proj": (hidden, inter),
-            "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden),
-        }
-        return cls(name=name, hidden_size=hidden, num_layers=config.num_hidden_layers, linear_shapes=shapes)
+        shapes = decoder_linear_shapes(config)
+        return cls(
+            name=name,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            linear_shapes=shapes,
+        )
+
+
+def decoder_linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear module of a Llama-family decoder layer."""
+    hidden = config.hidden_size
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // num_heads
+    q_out, kv_out, inter = num_heads * head_dim, num_kv_heads * head_dim, config.intermediate_size
+    return {
+        "q_proj": (hidden, q_out),
+        "k_proj": (hidden, kv_out),
+        "v_proj": (hidden, kv_out),
+        "o_proj": (q_out, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch
 from peft import LoraConfig, PromptTuningConfig, TaskType
 from safetensors.torch import save_file
 
-from adapterd.adapters.format import PROMPT_KEY, WEIGHTS_FILE
-from adapterd.server.model.llama import LINEAR_MODULES, linear_shapes
+from adapterd.adapters.format import PROMPT_KEY, WEIGHTS_FILE, decoder_linear_shapes
+from adapterd.server.model.llama import LINEAR_MODULES
 
 
 def lora_config(rank: int, base_name: str) -> LoraConfig:
@@ -35,7 +35,7 @@ def lora_state(config: Any, rank: int, seed: int, dtype: torch.dtype) -> dict[st
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for layer in range(config.num_hidden_layers):
-        for name, (fan_in, fan_out) in linear_shapes(config).items():
+        for name, (fan_in, fan_out) in decoder_linear_shapes(config).items():
             block = "self_attn" if name in LINEAR_MODULES[:4] else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{name}"
             a = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5

@@ -29,21 +29,6 @@ def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each decoder linear module."""
-    hidden, inter, hd = config.hidden_size, config.intermediate_size, head_dim_of(config)
-    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    return {
-        "q_proj": (hidden, q_out),
-        "k_proj": (hidden, kv_out),
-        "v_proj": (hidden, kv_out),
-        "o_proj": (q_out, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
-
-
 class KVCache:
     """Paged KV cache: per layer one flat pool of `num_blocks * block_size` token slots."""
 

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from adapterd.server.model.llama import LINEAR_MODULES, LlamaModel, linear_shapes
+from adapterd.adapters.format import decoder_linear_shapes
+from adapterd.server.model.llama import LINEAR_MODULES, LlamaModel
 from adapterd.server.model.lora import LoRALinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -80,7 +81,7 @@ def _layer_linears(
     config: Any, weights: dict[str, torch.Tensor], layer: int, placement: Placement
 ) -> dict[str, LoRALinear]:
     linears = {}
-    for name, (fan_in, fan_out) in linear_shapes(config).items():
+    for name, (fan_in, fan_out) in decoder_linear_shapes(config).items():
         block = "self_attn" if name in LINEAR_MODULES[:4] else "mlp"
         prefix = f"model.layers.{layer}.{block}.{name}"
         weight = weights.pop(f"{prefix}.weight")
