@@ -14,6 +14,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from adapterd.server.llm import encode_chat
 from adapterd.server.model.resolve import ResolvedModel
 from tests.e2e.serving import Server, make_tiny_chat_model, running_server
 from tests.reference import (
@@ -180,6 +181,30 @@ def test_every_generation_route_answers_pefts_tokens(server: Server, uploaded, e
         timeout=60,
     ) as response:
         assert "".join(c["choices"][0]["text"] for c in sse_events(response)) == want_text
+
+
+@pytest.mark.parametrize("adapter", [None, "lora0", "soft"])
+def test_chat_routes_answer_pefts_tokens(server: Server, uploaded, model: Path, tokenizer, adapter):
+    """/v1/chat/completions, plain and streamed: the chat template applied exactly as PEFT's input."""
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    ids = encode_chat(tokenizer, messages)
+    peft = load_base(model) if adapter is None else load_peft(model, uploaded[adapter])
+    decode = greedy_forward if adapter == "soft" else greedy_generate
+    want = tokenizer.decode(decode(peft, ids, NEW_TOKENS, tokenizer.eos_token_id), skip_special_tokens=True)
+    body = {
+        "model": adapter or server_model_name(server),
+        "messages": messages,
+        "max_tokens": NEW_TOKENS,
+        "temperature": 0,
+    }
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert reply["choices"][0]["message"]["content"] == want
+    assert reply["usage"]["prompt_tokens"] == len(ids)
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as response:
+        chunks = sse_events(response)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == want
 
 
 def server_model_name(server: Server) -> str:
