@@ -82,7 +82,7 @@ def test_family_equals_transformers_and_peft(kind: str, tmp_path: Path):
 
 def test_model_argument_errors_are_clear(tmp_path: Path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFound, match="no config.json"):
+    with pytest.raises(ModelNotFound, match=r"no config\.json"):
         resolve_model(str(tmp_path / "empty"), tmp_path / "cache")
     with pytest.raises(ModelNotFound, match="neither a model directory"):
         resolve_model(str(tmp_path / "missing"), tmp_path / "cache")
