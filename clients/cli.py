@@ -41,8 +41,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_model_args(serve)
     if command == "serve":
         _add_serve_args(serve)
-    if command == "trainer":
-        _add_trainer_command(commands)
+    if command in ("trainer", "eval"):
+        _add_trainer_command(commands, command)
     add_client_commands(commands)
     add_train_commands(commands)
     return parser
@@ -56,15 +56,14 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_serve_args(parser)
 
 
-def _add_trainer_command(commands: Any) -> None:
-    """`adapterd trainer` (the training side-service) plugs in here once adapterd.server.trainer exists:
-    its `add_trainer_command(commands)` adds the parser and sets `handler` (args -> exit status) with
-    `set_defaults`, as the client commands do."""
+def _add_trainer_command(commands: Any, command: str) -> None:
+    """`adapterd trainer` (the training side-service) and `adapterd eval` come from adapterd.server.trainer:
+    it adds the parser and sets `handler` (args -> exit status), as the client commands do."""
     try:
-        from adapterd.server.trainer.cli import add_trainer_command
+        from adapterd.server.trainer.cli import add_eval_command, add_trainer_command
     except ImportError:
         return
-    add_trainer_command(commands)
+    (add_trainer_command if command == "trainer" else add_eval_command)(commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

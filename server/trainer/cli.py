@@ -58,15 +58,16 @@ def trainer_command(args: argparse.Namespace) -> int:
     from adapterd.server.trainer.service import Base
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the server otherwise
     keys = ApiKeys.load(args.api_keys) if args.api_keys else ApiKeys.open()
     resolved = resolve_model(args.model, default_cache_dir())
     dtype = str(Placement.resolve(args.device, "none").dtype).removeprefix("torch.")
     base = Base(resolved.name, resolved.path, args.device, dtype)
-    store = JobStore(args.work_dir or default_cache_dir() / "trainer")
-    log.info("training adapters of %s for %s; jobs in %s", base.name, args.server, store.root)
     try:
+        store = JobStore(args.work_dir or default_cache_dir() / "trainer")
+        log.info("training adapters of %s for %s; jobs in %s", base.name, args.server, store.root)
         asyncio.run(serve(args, store, base, keys))
-    except OSError as exc:
+    except OSError as exc:  # the work directory in use, a port in use
         log.error("%s", exc)
         return 2
     return 0

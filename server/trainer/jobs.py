@@ -13,6 +13,7 @@ A job directory appears whole: it is written under tmp/ and renamed into jobs/. 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ENDED = ("succeeded", "failed", "cancelled")
@@ -76,13 +77,22 @@ class Job:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+class WorkDirInUse(OSError):
+    pass
+
+
 class JobStore:
     def __init__(self, work_dir: Path) -> None:
         self.root = work_dir / "jobs"
         self.tmp = work_dir / "tmp"
         self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(work_dir / ".lock")
         shutil.rmtree(self.tmp, ignore_errors=True)  # half-written submissions of an earlier run
         self.tmp.mkdir()
+
+    def close(self) -> None:
+        """Release the work directory (a process that exits releases it too)."""
+        self._lock.close()
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_id
@@ -125,6 +135,17 @@ def kill_stray_worker(job: Job) -> None:
         return  # gone (or not Linux)
     if job.id.encode() in cmdline:
         os.kill(job.worker_pid, signal.SIGKILL)
+
+
+def _lock(path: Path) -> IO[bytes]:
+    """Hold `path` locked for as long as this process lives: one trainer per work directory."""
+    file = path.open("ab")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        file.close()
+        raise WorkDirInUse(f"another trainer is using the work directory {path.parent}") from exc
+    return file
 
 
 def new_job_id() -> str:

@@ -7,7 +7,6 @@ since only the gRPC upload carries metadata today). Kept in this one module so i
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -74,15 +73,14 @@ class ServerClient:
         self, adapter_id: str, adapter_dir: Path, metadata: dict[str, Any]
     ) -> dict[str, Any]:
         import grpc
-        from google.protobuf import json_format, struct_pb2
+        from google.protobuf import json_format
 
         from adapterd.v1 import adapters_pb2, adapters_pb2_grpc
 
         header = adapters_pb2.UploadHeader(
-            id=adapter_id,
-            adapter_config=(adapter_dir / CONFIG_FILE).read_bytes(),
-            metadata=json_format.ParseDict(json.loads(json.dumps(metadata)), struct_pb2.Struct()),
+            id=adapter_id, adapter_config=(adapter_dir / CONFIG_FILE).read_bytes()
         )
+        header.metadata.update(metadata)
 
         async def parts() -> AsyncIterator[Any]:
             yield adapters_pb2.UploadAdapterRequest(header=header)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -27,13 +25,12 @@ from adapterd.server.trainer.config import JobConfig
 from adapterd.server.trainer.data import read_examples, split_held_out
 from adapterd.server.trainer.errors import JobNotFound
 from adapterd.server.trainer.jobs import ENDED, INTERRUPTED, Job, JobStore, new_job_id, utc_now
+from adapterd.server.trainer.process import exit_reason, read_event, signal_group, start_worker, stop_worker
 from adapterd.server.trainer.remote import ServerClient
 from adapterd.server.trainer.worker import ADAPTER_DIR, CONFIG_FILE, DATA_FILE, EVAL_DATA_FILE
 
 log = logging.getLogger("adapterd.trainer")
 LOG_FILE = "worker.log"
-STOP_GRACE_S = 10.0
-LOG_TAIL_BYTES = 2000
 Event = tuple[str, dict[str, Any]]
 WORKER = (sys.executable, "-m", "adapterd.server.trainer.worker")  # then: JOB_DIR --model-dir --device
 
@@ -114,7 +111,7 @@ class TrainerService:
             if self._upload is not None:
                 self._upload.cancel()
             elif self._worker is not None:
-                _signal_group(self._worker, signal.SIGTERM)
+                signal_group(self._worker, signal.SIGTERM)
         return job
 
     async def watch(self, job_id: str, principal: Principal) -> AsyncIterator[Event]:
@@ -180,35 +177,25 @@ class TrainerService:
 
     async def _train(self, job: Job, job_dir: Path) -> str | None:
         """Run the worker to the end; None on success, else why it failed."""
-        command = [
-            *self.worker,
-            str(job_dir),
-            "--model-dir",
-            str(self.base.path),
-            "--device",
-            self.base.device,
-        ]
-        with (job_dir / LOG_FILE).open("ab") as stderr:
-            worker = await asyncio.create_subprocess_exec(
-                *command, stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True
-            )
+        model = ("--model-dir", str(self.base.path), "--device", self.base.device)
+        worker = await start_worker((*self.worker, str(job_dir), *model), job_dir / LOG_FILE)
         self._worker, job.worker_pid = worker, worker.pid
         self._changed(job, "progress", durable=True)
         if job.id in self._cancelling:  # cancelled while the worker was starting
-            _signal_group(worker, signal.SIGTERM)
+            signal_group(worker, signal.SIGTERM)
         error = None
         try:
             assert worker.stdout is not None
             async for line in worker.stdout:
-                error = self._apply(job, _event(line)) or error
+                error = self._apply(job, read_event(line)) or error
             code = await worker.wait()
         finally:
             if worker.returncode is None:  # the runner is being cancelled: the trainer is stopping
-                await _stop(worker)
+                await stop_worker(worker)
             self._worker = None
         if code == 0:
             return None
-        return error or _exit_reason(code, job_dir / LOG_FILE)
+        return error or exit_reason(code, job_dir / LOG_FILE)
 
     def _apply(self, job: Job, event: dict[str, Any]) -> str | None:
         """Fold one worker event into the job; returns the error an "error" event carries."""
@@ -275,15 +262,6 @@ class TrainerService:
             events.put_nowait((kind, snapshot))
 
 
-def _event(line: bytes) -> dict[str, Any]:
-    """One worker event; a torn last line (the worker was killed while writing) is no event."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return {}
-    return event if isinstance(event, dict) else {}
-
-
 def _validate(data: Path, eval_data: Path | None, seed: int) -> None:
     with data.open("rb") as lines:
         examples = read_examples(lines, "data")
@@ -292,28 +270,3 @@ def _validate(data: Path, eval_data: Path | None, seed: int) -> None:
         with eval_data.open("rb") as lines:
             held_out = read_examples(lines, "eval_data")
     split_held_out(examples, held_out, seed)
-
-
-def _signal_group(worker: asyncio.subprocess.Process, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(worker.pid, signum)  # the worker leads its own process group (start_new_session)
-
-
-async def _stop(worker: asyncio.subprocess.Process) -> None:
-    _signal_group(worker, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(worker.wait(), STOP_GRACE_S)
-    except asyncio.TimeoutError:
-        _signal_group(worker, signal.SIGKILL)
-        await worker.wait()
-
-
-def _exit_reason(code: int, log_file: Path) -> str:
-    if code < 0:
-        name = signal.Signals(-code).name
-        hint = " (out of memory, or killed by an operator)" if name == "SIGKILL" else ""
-        return f"the training process was killed by {name}{hint}"
-    with log_file.open("rb") as file:
-        file.seek(max(0, file.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
-        tail = file.read().decode(errors="replace").strip()
-    return f"the training process exited with status {code}: {tail}"

@@ -126,7 +126,7 @@ def load_base(model_dir: Path, placement: Placement) -> Any:
         model_dir,
         dtype=placement.dtype,
         quantization_config=quantization,
-        device_map={"": placement.device},
+        device_map={"": str(placement.device)},
     )
 
 

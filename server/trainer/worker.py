@@ -49,8 +49,6 @@ class Events:
 
 
 def run(job_dir: Path, model_dir: Path, device: str, events: Events) -> None:
-    import torch
-
     from adapterd.server.config import EngineConfig
     from adapterd.server.llm import load_tokenizer
     from adapterd.server.model.loader import Placement
@@ -59,7 +57,6 @@ def run(job_dir: Path, model_dir: Path, device: str, events: Events) -> None:
     from adapterd.server.trainer.evaluate import evaluate_local
     from adapterd.server.trainer.train import train
 
-    torch.set_flush_denormal(True)  # tiny LoRA gradients on CPU are otherwise 10x slower
     events.phase("loading")
     config = JobConfig.from_dict(json.loads((job_dir / CONFIG_FILE).read_text()))
     data = read_file(job_dir / DATA_FILE, "data", read_examples)

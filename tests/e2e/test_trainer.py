@@ -1,0 +1,525 @@
+"""`adapterd trainer` end to end: real server and trainer processes on loopback.
+
+The synthetic task: rewrite an ISO date as a "ledger" date, 2024-03-07 -> 07.03.2024. The default model
+cannot guess this format (it echoes the ISO date and rambles), and an adapter learns it in a few dozen
+steps. A `lora` job (chat data, over HTTP) and a `prompt_tuning` job (plain prompts, over gRPC) each must
+beat the base model's held-out exact match by a wide margin, and the server must then answer held-out
+prompts correctly with each adapter, over HTTP and gRPC. Each of them waits behind a job that is cancelled
+or whose worker is killed with SIGKILL mid-training. On a tiny random model served on an NF4 base: a `qlora`
+job end to end, bad submissions, and a trainer killed with a job running and one queued, then restarted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adapterd.server.model.resolve import ResolvedModel
+from adapterd.server.trainer.jobs import INTERRUPTED
+from adapterd.v1 import generation_pb2, generation_pb2_grpc, training_pb2, training_pb2_grpc
+from tests.e2e import serving
+
+TRAINER = (serving.ADAPTERD,)  # `adapterd trainer`
+EVAL = (sys.executable, "-m", "adapterd.server.trainer.cli", "eval")  # `adapterd eval`, not wired yet
+ENDED = ("succeeded", "failed", "cancelled")
+NUM_TRAIN, NUM_EVAL = 400, 40
+LORA = {"adapter_id": "ledger-lora", "method": "lora", "max_steps": 24}
+SOFT = {
+    "adapter_id": "ledger-soft",
+    "method": "prompt_tuning",
+    "max_steps": 50,
+    "prompt_tuning_init_text": "Rewrite the date as day.month.year:",
+}
+FOREVER = {"method": "lora", "max_steps": 100_000}
+
+
+# -- the synthetic task -----------------------------------------------------------------------------------
+
+
+def dates(count: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """Distinct (year, month, day) triples: the first NUM_TRAIN train, the rest are held out."""
+    rng, seen = random.Random(seed), set[tuple[int, int, int]]()
+    while len(seen) < count:
+        seen.add((rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)))
+    return sorted(seen, key=lambda _: rng.random())
+
+
+def ledger(date: tuple[int, int, int]) -> str:
+    year, month, day = date
+    return f"{day:02d}.{month:02d}.{year}"
+
+
+def plain(date: tuple[int, int, int]) -> dict[str, Any]:
+    year, month, day = date
+    return {"prompt": f"Date: {year}-{month:02d}-{day:02d}\nLedger:", "completion": f" {ledger(date)}"}
+
+
+def chat(date: tuple[int, int, int]) -> dict[str, Any]:
+    year, month, day = date
+    question = {"role": "user", "content": f"Ledger date for {year}-{month:02d}-{day:02d}"}
+    return {"messages": [question, {"role": "assistant", "content": ledger(date)}]}
+
+
+def jsonl(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+ALL_DATES = dates(NUM_TRAIN + NUM_EVAL)
+TRAIN, HELD_OUT = ALL_DATES[:NUM_TRAIN], ALL_DATES[NUM_TRAIN:]
+
+
+# -- the trainer process ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    process: subprocess.Popen[str]
+    http_port: int
+    grpc_port: int
+    work_dir: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @functools.cached_property
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+
+    @property
+    def training(self) -> training_pb2_grpc.TrainingStub:
+        return training_pb2_grpc.TrainingStub(self.channel)
+
+    def stop(self, sig_kill: bool = False) -> None:
+        if "channel" in self.__dict__:
+            self.channel.close()
+        if self.process.poll() is None:
+            self.process.kill() if sig_kill else self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+def start_trainer(
+    server: serving.Server, work_dir: Path, model: str, *args: str, env: dict[str, str] | None = None
+) -> Trainer:
+    http_port, grpc_port = serving.free_port(), serving.free_port()
+    log = work_dir / f"trainer-{http_port}.log"
+    command = [
+        *TRAINER,
+        "trainer",
+        *("--server", server.url, "--model", model, "--device", "cpu", "--work-dir", str(work_dir)),
+        *("--http-port", str(http_port), "--grpc-port", str(grpc_port), *args),
+    ]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+        )
+    trainer = Trainer(process, http_port, grpc_port, work_dir, log)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"trainer exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{trainer.url}/health", timeout=1).status_code == 200:
+                return trainer
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    trainer.stop()
+    raise RuntimeError(f"trainer not healthy:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def running_trainer(
+    server: serving.Server, work_dir: Path, model: str, *args: str, env: dict[str, str] | None = None
+) -> Iterator[Trainer]:
+    trainer = start_trainer(server, work_dir, model, *args, env=env)
+    try:
+        yield trainer
+    finally:
+        trainer.stop()
+
+
+# -- talking to it ----------------------------------------------------------------------------------------
+
+
+def submit_http(
+    trainer: Trainer,
+    config: dict[str, Any],
+    data: bytes,
+    eval_data: bytes | None = None,
+    key: str | None = None,
+) -> httpx.Response:
+    files = {"data": ("data.jsonl", data)}
+    if eval_data is not None:
+        files["eval_data"] = ("eval.jsonl", eval_data)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = f"{trainer.url}/v1/training/jobs"
+    return httpx.post(url, data={"config": json.dumps(config)}, files=files, headers=headers, timeout=60)
+
+
+def submit_grpc(trainer: Trainer, config: training_pb2.JobConfig, data: bytes, eval_data: bytes = b""):
+    parts = [training_pb2.SubmitJobRequest(config=config)]
+    parts += [training_pb2.SubmitJobRequest(data_chunk=data[i : i + 4096]) for i in range(0, len(data), 4096)]
+    if eval_data:
+        parts.append(training_pb2.SubmitJobRequest(eval_data_chunk=eval_data))
+    return trainer.training.SubmitJob(iter(parts), timeout=60)
+
+
+def sse_events(trainer: Trainer, job_id: str) -> Iterator[dict[str, Any]]:
+    """The job's SSE events ({"type", "job"}) until the stream ends."""
+    url = f"{trainer.url}/v1/training/jobs/{job_id}/events"
+    with httpx.stream("GET", url, timeout=httpx.Timeout(600, connect=10)) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                yield json.loads(line.removeprefix("data: "))
+
+
+def is_training(job: dict[str, Any]) -> bool:
+    return job["phase"] == "training" and job["progress"]["step"] >= 1
+
+
+def worker_pid(trainer: Trainer, job_id: str) -> int:
+    pid = json.loads((trainer.work_dir / "jobs" / job_id / "job.json").read_text())["worker_pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return False
+
+
+def wait_until(predicate: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def get_job(trainer: Trainer, job_id: str, key: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    response = httpx.get(f"{trainer.url}/v1/training/jobs/{job_id}", headers=headers, timeout=10)
+    assert response.status_code == 200
+    return response.json()
+
+
+def wait_for_end(trainer: Trainer, job_id: str, timeout: float = 300) -> dict[str, Any]:
+    wait_until(lambda: get_job(trainer, job_id)["status"] in ENDED, timeout)
+    return get_job(trainer, job_id)
+
+
+def assert_learned(job: dict[str, Any]) -> None:
+    base, adapter = job["metrics"]["base"], job["metrics"]["adapter"]
+    assert base["exact_match"] <= 0.1, base
+    assert adapter["exact_match"] >= 0.8, adapter
+    assert adapter["exact_match"] - base["exact_match"] >= 0.6
+    assert adapter["rougeL"] > base["rougeL"]
+
+
+def check_progress(events: list[dict[str, Any]], total_steps: int) -> None:
+    steps = [e["job"]["progress"] for e in events if e["type"] == "progress" and e["job"]["progress"]["step"]]
+    assert steps and steps[-1]["step"] == steps[-1]["total_steps"] == total_steps
+    assert [p["step"] for p in steps] == sorted(p["step"] for p in steps)
+    assert all(p["loss"] > 0 and p["learning_rate"] > 0 and p["tokens_per_second"] > 0 for p in steps)
+    assert steps[-1]["eta_seconds"] == 0 and any(p["eta_seconds"] > 0 for p in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+# -- the default model: lora and prompt tuning --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(
+    default_model: ResolvedModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[serving.Server]:
+    root = tmp_path_factory.mktemp("trainer-server")
+    with serving.running_server("default", root / "store", root / "server.log", "--max-rank", "16") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def trainer(server: serving.Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trainer]:
+    work_dir = tmp_path_factory.mktemp("trainer-work")
+    with running_trainer(server, work_dir, "default", "--server-grpc", server.grpc_target) as trainer:
+        yield trainer
+
+
+@pytest.mark.slow
+def test_lora_job_over_http_after_a_cancelled_one(server: serving.Server, trainer: Trainer) -> None:
+    data, eval_data = jsonl([chat(d) for d in TRAIN]), jsonl([chat(d) for d in HELD_OUT])
+    two = jsonl([chat(d) for d in HELD_OUT[:2]])
+    doomed = submit_http(trainer, {"adapter_id": "doomed", **FOREVER}, data, two)
+    submitted = submit_http(trainer, LORA, data, eval_data)
+    assert doomed.status_code == submitted.status_code == 202
+    doomed_id, job_id = doomed.json()["id"], submitted.json()["id"]
+    assert submitted.json()["status"] == "queued" and submitted.json()["config"]["rank"] == 8
+
+    cancelled = None
+    for event in sse_events(trainer, doomed_id):  # cancel it mid-training; the stream ends with it
+        if cancelled is None and is_training(event["job"]):
+            cancelled = httpx.post(f"{trainer.url}/v1/training/jobs/{doomed_id}/cancel", timeout=10)
+            assert cancelled.status_code == 200
+    assert event["job"]["status"] == "cancelled" and event["job"]["error"] is None
+    wait_until(lambda: not is_alive(worker_pid(trainer, doomed_id)), timeout=20)
+
+    events, phase_started = [], {}
+    for event in sse_events(trainer, job_id):
+        events.append(event)
+        phase_started.setdefault(event["job"]["phase"], time.monotonic())
+    job = events[-1]["job"]
+    assert job["status"] == "succeeded", job["error"]
+    check_progress(events, total_steps=24)
+    assert_learned(job)
+    assert job["num_eval_examples"] == NUM_EVAL and job["num_train_examples"] == NUM_TRAIN
+    training_s = phase_started["evaluating_adapter"] - phase_started["training"]
+    print(
+        "lora:",
+        json.dumps(job["metrics"]),
+        f"training {training_s:.0f} s;",
+        job["started_at"],
+        job["finished_at"],
+    )
+
+    # The server has it now (uploaded over gRPC, with metadata), and answers held-out prompts with it.
+    adapter = httpx.get(f"{server.url}/v1/adapters/ledger-lora", timeout=10).json()
+    assert adapter["type"] == "lora" and adapter["rank"] == 8
+    metadata = adapter["metadata"]
+    assert metadata["job_id"] == job_id and metadata["base_model"] == "SmolLM2-135M-Instruct"
+    assert metadata["quantization"] == "none" and metadata["method"] == "lora"
+    assert metadata["metrics"]["adapter"]["exact_match"] == job["metrics"]["adapter"]["exact_match"]
+    generation = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(server.grpc_target))
+    for date in HELD_OUT[:5]:
+        messages = chat(date)["messages"][:1]
+        body = {"model": "ledger-lora", "messages": messages, "temperature": 0, "max_tokens": 16}
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+        assert answer["choices"][0]["message"]["content"] == ledger(date)
+        request = generation_pb2.GenerateRequest(
+            messages=generation_pb2.ChatMessages(
+                messages=[generation_pb2.ChatMessage(**m) for m in messages]
+            ),
+            adapter_id="ledger-lora",
+            parameters=generation_pb2.GenerationParameters(max_new_tokens=16),
+        )
+        assert generation.Generate(request, timeout=60).text == ledger(date)
+
+    # The same evaluation on its own, through the server: the endpoint and `adapterd eval` agree with the job.
+    files = {"data": ("eval.jsonl", eval_data)}
+    scores = httpx.post(
+        f"{trainer.url}/v1/evaluations", data={"adapter_id": "ledger-lora"}, files=files, timeout=300
+    ).json()
+    assert scores["num_examples"] == NUM_EVAL and scores["adapter_id"] == "ledger-lora"
+    assert abs(scores["exact_match"] - job["metrics"]["adapter"]["exact_match"]) <= 0.05
+    few = trainer.work_dir / "few.jsonl"  # the base model, from the command line
+    few.write_bytes(jsonl([chat(d) for d in HELD_OUT[:8]]))
+    cli = subprocess.run(
+        [*EVAL, "--server", server.url, "--data", str(few), "--out", str(few.with_suffix(".out"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    base_scores = json.loads(cli.stdout)
+    assert base_scores["adapter_id"] is None and base_scores["num_examples"] == 8
+    assert base_scores["exact_match"] <= 0.1
+    assert len(few.with_suffix(".out").read_text().splitlines()) == 8
+
+
+@pytest.mark.slow
+def test_prompt_tuning_job_over_grpc_after_a_killed_one(server: serving.Server, trainer: Trainer) -> None:
+    data = jsonl([plain(d) for d in TRAIN])  # no eval file: the trainer holds out 10%
+    two = jsonl([plain(d) for d in HELD_OUT[:2]])
+    doomed = submit_grpc(trainer, training_pb2.JobConfig(adapter_id="doomed-too", **FOREVER), data, two)
+    job = submit_grpc(trainer, training_pb2.JobConfig(**SOFT), data)
+    assert job.status == "queued" and job.method == "prompt_tuning"
+
+    stream = trainer.training.WatchJob(training_pb2.WatchJobRequest(id=doomed.id), timeout=300)
+    for event in stream:
+        if event.job.progress.step >= 1:
+            os.kill(worker_pid(trainer, doomed.id), signal.SIGKILL)
+            break
+    events = list(stream)
+    assert events[-1].type == "status" and events[-1].job.status == "failed"
+    assert "killed by SIGKILL" in events[-1].job.error
+
+    events = list(trainer.training.WatchJob(training_pb2.WatchJobRequest(id=job.id), timeout=600))
+    done = events[-1].job
+    assert done.status == "succeeded", done.error
+    assert {"status", "progress", "metrics"} <= {e.type for e in events}
+    assert done.progress.step == done.progress.total_steps == 50
+    base, adapter = done.metrics.base, done.metrics.adapter
+    print("prompt tuning metrics:", base, adapter, "took", done.started_at, done.finished_at)
+    assert base.exact_match <= 0.1 and adapter.exact_match >= 0.8
+    assert adapter.rouge_l > base.rouge_l
+    assert get_job(trainer, job.id)["num_eval_examples"] == NUM_TRAIN // 10
+
+    generation = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(server.grpc_target))
+    for date in HELD_OUT[:5]:
+        prompt = plain(date)["prompt"]
+        body = {"inputs": prompt, "parameters": {"adapter_id": "ledger-soft", "max_new_tokens": 16}}
+        answer = httpx.post(f"{server.url}/generate", json=body, timeout=60).json()
+        assert answer["generated_text"] == f" {ledger(date)}"
+        request = generation_pb2.GenerateRequest(
+            prompt=prompt,
+            adapter_id="ledger-soft",
+            parameters=generation_pb2.GenerationParameters(max_new_tokens=16),
+        )
+        assert generation.Generate(request, timeout=60).text == f" {ledger(date)}"
+    listed = trainer.training.ListJobs(training_pb2.ListJobsRequest()).jobs
+    assert [j.id for j in listed[:2]] == [job.id, doomed.id]  # newest first
+
+
+# -- a tiny random model on an NF4 base: qlora, bad submissions, restarts -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(default_model: ResolvedModel, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(serving.make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), default_model.path))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.Server]:
+    root = tmp_path_factory.mktemp("trainer-tiny")
+    with serving.running_server(
+        tiny_model, root / "store", root / "server.log", "--quantize", "nf4"
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tiny_trainer(
+    tiny: serving.Server, tiny_model: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Trainer]:
+    with running_trainer(tiny, tmp_path_factory.mktemp("tiny-trainer-work"), tiny_model) as trainer:
+        yield trainer
+
+
+def test_qlora_job_serves_on_the_nf4_base(tiny: serving.Server, tiny_trainer: Trainer) -> None:
+    config = {"adapter_id": "tiny-qlora", "method": "qlora", "max_steps": 4, "rank": 4}
+    eval_records = [plain(d) for d in HELD_OUT[:4]]
+    response = submit_http(tiny_trainer, config, jsonl([plain(d) for d in TRAIN[:40]]), jsonl(eval_records))
+    assert response.status_code == 202, response.text
+    job = wait_for_end(tiny_trainer, response.json()["id"], timeout=180)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["base"]["num_examples"] == job["metrics"]["adapter"]["num_examples"] == 4
+    assert httpx.get(f"{tiny.url}/info").json()["quantize"] == "nf4"
+    adapter = httpx.get(f"{tiny.url}/v1/adapters/tiny-qlora").json()
+    assert adapter["type"] == "lora" and adapter["rank"] == 4 and adapter["version"] == 1
+    # The server answers with the adapter what the job's evaluation generated on the same NF4 base.
+    predictions = (tiny_trainer.work_dir / "jobs" / job["id"] / "predictions.jsonl").read_text().splitlines()
+    matches = 0
+    for record, line in zip(eval_records, predictions, strict=True):
+        body = {"inputs": record["prompt"], "parameters": {"adapter_id": "tiny-qlora", "max_new_tokens": 27}}
+        answer = httpx.post(f"{tiny.url}/generate", json=body, timeout=60)
+        assert answer.status_code == 200
+        matches += answer.json()["generated_text"] == json.loads(line)["prediction"]
+    assert matches >= 3  # bitsandbytes' CPU kernels may flip a near-tie between batch shapes
+
+
+def test_bad_submissions_are_refused_with_the_reason(tiny_trainer: Trainer) -> None:
+    good = jsonl([plain(d) for d in TRAIN[:4]])
+    bad = good + b'{"prompt": "x"}\nnot json\n{"prompt": "x", "completion": ""}\n'
+    response = submit_http(tiny_trainer, {"adapter_id": "x", "method": "lora"}, bad)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert message.startswith("data: 3 invalid lines: line 5: ")
+    assert "line 6: not valid JSON" in message and 'line 7: "completion" must not be empty' in message
+    response = submit_http(tiny_trainer, {"adapter_id": "x", "method": "lora"}, good, b"[]\n")
+    assert response.status_code == 400 and "eval_data: 1 invalid line: line 1" in response.text
+
+    response = submit_http(tiny_trainer, {"adapter_id": "x", "method": "dora"}, good)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "config.method" and "unknown method 'dora'" in error["message"]
+    response = submit_http(tiny_trainer, {"adapter_id": "x", "method": "lora", "rank": -1}, good)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "config.rank"
+
+    for config, data, words in [
+        (training_pb2.JobConfig(adapter_id="x", method="dora"), good, "unknown method 'dora'"),
+        (training_pb2.JobConfig(adapter_id="x", method="lora"), bad, "line 6: not valid JSON"),
+        (training_pb2.JobConfig(adapter_id="x", method="lora"), b"", "no training data"),
+    ]:
+        with pytest.raises(grpc.RpcError) as caught:
+            submit_grpc(tiny_trainer, config, data)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in caught.value.details()
+
+    assert httpx.get(f"{tiny_trainer.url}/v1/training/jobs/job-nope").status_code == 404
+    assert httpx.get(f"{tiny_trainer.url}/v1/training/jobs/job-nope/events").status_code == 404
+    with pytest.raises(grpc.RpcError) as caught:
+        list(tiny_trainer.training.WatchJob(training_pb2.WatchJobRequest(id="job-nope")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    health = health_pb2_grpc.HealthStub(tiny_trainer.channel).Check(
+        health_pb2.HealthCheckRequest(service="adapterd.v1.Training")
+    )
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_restart_fails_the_running_job_and_runs_the_queued_one(
+    tiny: serving.Server, tiny_model: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    work_dir, model = tmp_path_factory.mktemp("restart-work"), tiny_model
+    data, eval_data = jsonl([plain(d) for d in TRAIN[:20]]), jsonl([plain(d) for d in HELD_OUT[:2]])
+    first = start_trainer(tiny, work_dir, model)
+    try:
+        running = submit_http(first, {"adapter_id": "interrupted", **FOREVER}, data, eval_data).json()["id"]
+        queued = submit_http(
+            first, {"adapter_id": "after-restart", "method": "qlora", "max_steps": 2}, data, eval_data
+        )
+        wait_until(lambda: is_training(get_job(first, running)), timeout=120)
+        pid = worker_pid(first, running)
+    finally:
+        first.stop(sig_kill=True)
+    wait_until(lambda: not is_alive(pid), timeout=20)  # the worker dies with its trainer
+
+    with running_trainer(tiny, work_dir, model) as second:
+        job = get_job(second, running)
+        assert job["status"] == "failed" and job["error"] == INTERRUPTED
+        job = wait_for_end(second, queued.json()["id"], timeout=180)
+        assert job["status"] == "succeeded", job["error"]
+        assert httpx.get(f"{tiny.url}/v1/adapters/after-restart").status_code == 200
+
+
+def test_keys_on_the_server_and_on_the_trainer(
+    tiny_model: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    root = tmp_path_factory.mktemp("keyed")
+    keys = root / "keys.txt"
+    keys.write_text("adminkey admin\nuserkey user\n")
+    key_args = ("--api-keys", str(keys))
+    with (
+        serving.running_server(tiny_model, root / "store", root / "server.log", *key_args) as server,
+        running_trainer(server, root, tiny_model, *key_args, env={"ADAPTERD_API_KEY": "adminkey"}) as trainer,
+    ):
+        data, eval_data = jsonl([plain(d) for d in TRAIN[:20]]), jsonl([plain(d) for d in HELD_OUT[:2]])
+        config = {"adapter_id": "keyed", "method": "lora", "max_steps": 1}
+        assert httpx.get(f"{trainer.url}/v1/training/jobs").status_code == 401
+        assert submit_http(trainer, config, data, eval_data, key="userkey").status_code == 403
+        with pytest.raises(grpc.RpcError) as caught:
+            trainer.training.ListJobs(training_pb2.ListJobsRequest())
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        response = submit_http(trainer, config, data, eval_data, key="adminkey")
+        assert response.status_code == 202
+        wait_until(lambda: get_job(trainer, response.json()["id"], "adminkey")["status"] in ENDED, 180)
+        job = get_job(trainer, response.json()["id"], "adminkey")
+        assert job["status"] == "succeeded", job["error"]  # uploaded with the trainer's admin key
+        shown = httpx.get(f"{server.url}/v1/adapters/keyed", headers={"Authorization": "Bearer userkey"})
+        assert shown.status_code == 200 and shown.json()["version"] == 1
