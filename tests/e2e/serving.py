@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -87,18 +88,26 @@ def start_server(model: Path | str, store: Path, log: Path, *args: str, timeout:
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True)
     server = Server(process, http_port, grpc_port, log)
+    wait_healthy(server, "server", timeout)
+    return server
+
+
+def wait_healthy(service: Server | Any, what: str, timeout: float) -> None:
+    """Poll `service.url`/health until 200; on exit or timeout stop it and raise with its log's tail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        if service.process.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with {service.process.returncode}:\n{service.log.read_text()[-3000:]}"
+            )
         try:
-            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                return server
+            if httpx.get(f"{service.url}/health", timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server not healthy in {timeout}s:\n{log.read_text()[-3000:]}")
+    service.stop()
+    raise RuntimeError(f"{what} not healthy in {timeout}s:\n{service.log.read_text()[-3000:]}")
 
 
 @contextmanager

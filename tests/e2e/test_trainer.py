@@ -131,18 +131,8 @@ def start_trainer(
             command, stdout=out, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
         )
     trainer = Trainer(process, http_port, grpc_port, work_dir, log)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"trainer exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{trainer.url}/health", timeout=1).status_code == 200:
-                return trainer
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    trainer.stop()
-    raise RuntimeError(f"trainer not healthy:\n{log.read_text()[-3000:]}")
+    serving.wait_healthy(trainer, "trainer", 120)
+    return trainer
 
 
 @contextmanager
