@@ -8,6 +8,7 @@ receives prepared requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -22,6 +23,7 @@ from adapterd.server.metrics import Metrics
 from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
 
 Event = TokenEvent | Completion
+MAX_METADATA_BYTES = 64 * 1024  # an adapter's metadata, as JSON (UTF-8)
 
 
 class Service:
@@ -103,6 +105,8 @@ class Service:
         self, adapter_id: str, staged_dir: Path, principal: Principal, metadata: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], bool]:
         principal.require_owner(adapter_id)
+        if metadata is not None:
+            check_metadata(metadata)
         record, replaced = await asyncio.to_thread(
             self.llm.adapters.publish, adapter_id, staged_dir, metadata
         )
@@ -174,6 +178,18 @@ class Service:
             ),
             "version": _version(),
         }
+
+
+def check_metadata(metadata: dict[str, Any]) -> None:
+    """Metadata must be plain JSON (no NaN or Infinity) of at most MAX_METADATA_BYTES bytes, whichever
+    front end it came through."""
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"metadata: not plain JSON ({exc})") from exc
+    size = len(text.encode())
+    if size > MAX_METADATA_BYTES:
+        raise InvalidRequest(f"metadata: {size} bytes as JSON exceeds the {MAX_METADATA_BYTES}-byte limit")
 
 
 def _version() -> str:

@@ -12,7 +12,7 @@ from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from adapterd.server.auth import ApiKeys, Principal
 from adapterd.server.errors import InvalidRequest, PayloadTooLarge
 from adapterd.server.grpc.common import rpc
-from adapterd.server.service import Service
+from adapterd.server.service import Service, check_metadata
 from adapterd.v1 import adapters_pb2 as pb
 from adapterd.v1 import adapters_pb2_grpc
 
@@ -63,6 +63,15 @@ def check_size(size: int, max_bytes: int) -> None:
         raise PayloadTooLarge(f"upload exceeds the {max_bytes}-byte limit (--max-upload-bytes)")
 
 
+def struct_dict(struct: Any) -> dict[str, Any]:
+    """The header's metadata as a dict; a NaN or infinite number (no JSON for it) is the client's error."""
+    try:
+        metadata: dict[str, Any] = json_format.MessageToDict(struct)
+    except ValueError as exc:
+        raise InvalidRequest(f"metadata: {exc}") from exc
+    return metadata
+
+
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, service: Service, keys: ApiKeys) -> None:
         self.service = service
@@ -93,7 +102,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         parts = aiter(requests)
         header = await read_header(parts)
         principal.require_owner(header.id)  # before receiving any weights
-        metadata = json_format.MessageToDict(header.metadata) if header.HasField("metadata") else None
+        metadata = struct_dict(header.metadata) if header.HasField("metadata") else None
+        if metadata is not None:
+            check_metadata(metadata)  # before receiving any weights, too
         config, max_bytes = header.adapter_config, self.service.config.max_upload_bytes
         check_size(len(config), max_bytes)
         with self.service.llm.adapters.store.staging() as staged:

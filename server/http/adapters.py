@@ -1,7 +1,12 @@
-"""Adapter routes: upload (multipart or tar), list, show, delete, and vLLM's load/unload."""
+"""Adapter routes: upload (multipart or tar), list, show, delete, and vLLM's load/unload.
+
+A multipart upload may carry the adapter's metadata: a `metadata` field (text, or a file) holding a JSON
+object, stored with the version and shown in its description. Tar uploads carry none.
+"""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import AsyncGenerator
 from typing import IO, Any
@@ -15,9 +20,10 @@ from adapterd.adapters.archive import UnsafeUpload, extract_tar, write_files
 from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from adapterd.server.errors import InvalidRequest, PayloadTooLarge
 from adapterd.server.http.params import field, json_body
-from adapterd.server.service import Service
+from adapterd.server.service import MAX_METADATA_BYTES, Service
 
 CHUNK = 1 << 20
+METADATA_FIELD = "metadata"
 
 
 class AdapterRoutes:
@@ -33,15 +39,21 @@ class AdapterRoutes:
         adapter_id = http.path_params["adapter_id"]
         principal = self.principal(http)
         principal.require_owner(adapter_id)
+        if METADATA_FIELD in http.query_params:  # refused rather than silently dropped
+            raise InvalidRequest(
+                "metadata: send it as a multipart form field (a JSON object), not in the query string; "
+                "tar uploads carry no metadata"
+            )
+        metadata = None
         with self.service.llm.adapters.store.staging() as staged, await self._spool(http) as body:
             try:
                 if http.headers.get("content-type", "").startswith("multipart/form-data"):
-                    await self._write_form(http, body, staged)
+                    metadata = await self._write_form(http, body, staged)
                 else:
                     extract_tar(body, staged, self.max_bytes)
             except UnsafeUpload as exc:
                 raise InvalidRequest(str(exc)) from exc
-            description, replaced = await self.service.upload(adapter_id, staged, principal)
+            description, replaced = await self.service.upload(adapter_id, staged, principal, metadata)
         return JSONResponse(description, status_code=200 if replaced else 201)
 
     async def list(self, http: Request) -> Response:
@@ -88,21 +100,78 @@ class AdapterRoutes:
         body.seek(0)
         return body
 
-    async def _write_form(self, http: Request, body: IO[bytes], staged: Any) -> None:
+    async def _write_form(self, http: Request, body: IO[bytes], staged: Any) -> dict[str, Any] | None:
+        """Write the form's adapter files into `staged`; return its metadata (None when absent)."""
+
         async def stream() -> AsyncGenerator[bytes, None]:
             while chunk := body.read(CHUNK):
                 yield chunk
 
+        # Text fields are held in memory up to max_part_size; metadata is the only one a form may have.
+        parser = MultiPartParser(
+            http.headers, stream(), max_files=4, max_fields=4, max_part_size=MAX_METADATA_BYTES
+        )
         try:
-            form = await MultiPartParser(http.headers, stream(), max_files=4, max_fields=4).parse()
+            form = await parser.parse()
         except MultiPartException as exc:
-            raise InvalidRequest(f"malformed multipart body: {exc.message}") from exc
-        files = {}
-        for name, value in form.multi_items():
-            if not isinstance(value, UploadFile):
-                raise InvalidRequest(f"form field {name!r} must be a file")
-            files[name if name in (CONFIG_FILE, WEIGHTS_FILE) else value.filename or name] = value.file
+            raise InvalidRequest(_form_problem(parser, exc)) from exc
         try:
+            files, metadata = {}, None
+            for name, value in form.multi_items():
+                if name == METADATA_FIELD:
+                    if metadata is not None:
+                        raise InvalidRequest("metadata: the form has more than one metadata field")
+                    metadata = parse_metadata(value if isinstance(value, str) else await _head(value))
+                elif not isinstance(value, UploadFile):
+                    raise InvalidRequest(f"form field {name!r} must be a file")
+                else:
+                    files[name if name in (CONFIG_FILE, WEIGHTS_FILE) else value.filename or name] = (
+                        value.file
+                    )
             write_files(files, staged, self.max_bytes)
         finally:
             await form.close()
+        return metadata
+
+
+def parse_metadata(raw: str | bytes) -> dict[str, Any]:
+    """The `metadata` form field: a JSON object of at most MAX_METADATA_BYTES bytes (UTF-8)."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    if len(data) > MAX_METADATA_BYTES:
+        raise InvalidRequest(f"metadata: exceeds the {MAX_METADATA_BYTES}-byte limit")
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_not_json)
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("metadata: not UTF-8 text") from exc
+    except ValueError as exc:  # json.JSONDecodeError, and the constants NaN / Infinity
+        raise InvalidRequest(f"metadata: not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("metadata: nested too deeply") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"metadata: must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+async def _head(upload: UploadFile) -> bytes:
+    """A metadata field sent as a file: enough of it to parse, or to tell that it is too large."""
+    return await upload.read(MAX_METADATA_BYTES + 1)
+
+
+def _form_problem(parser: MultiPartParser, exc: MultiPartException) -> str:
+    """The parser's complaint; a text field over the size limit is named (Starlette's message is not)."""
+    if exc.message.startswith("Part exceeded maximum size"):
+        name = getattr(getattr(parser, "_current_part", None), "field_name", None)
+        if name == METADATA_FIELD:
+            return f"metadata: exceeds the {MAX_METADATA_BYTES}-byte limit"
+        if name:
+            return f"form field {name!r} must be a file"
+    return f"malformed multipart body: {exc.message}"

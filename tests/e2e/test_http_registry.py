@@ -137,6 +137,62 @@ def test_malformed_uploads_get_a_4xx_naming_the_problem_and_change_nothing(
     assert listing(server) == before
 
 
+def upload_with_metadata(
+    server: Server,
+    adapter_id: str,
+    path: Path,
+    metadata: str | None = None,
+    metadata_file: bytes | None = None,
+) -> httpx.Response:
+    """A multipart upload with a `metadata` text field (as `curl -F 'metadata={...}'`), or a `metadata`
+    file part (as `curl -F metadata=@meta.json`)."""
+    files = {name: (name, (path / name).read_bytes()) for name in FILES}
+    if metadata_file is not None:
+        files["metadata"] = ("meta.json", metadata_file)
+    data = {"metadata": metadata} if metadata is not None else None
+    return httpx.put(f"{server.url}/v1/adapters/{adapter_id}", data=data, files=files, timeout=60)
+
+
+def test_multipart_metadata_is_stored_and_bad_metadata_changes_nothing(server: Server, lora: Path):
+    metadata = {"job_id": "job-1", "base_model": "tiny", "metrics": {"exact_match": 0.5}, "tags": ["a", "é"]}
+    created = upload_with_metadata(server, "with-meta", lora, json.dumps(metadata))
+    assert created.status_code == 201, created.text
+    assert created.json()["metadata"] == metadata
+    assert httpx.get(f"{server.url}/v1/adapters/with-meta").json()["metadata"] == metadata
+    assert next(a for a in listing(server) if a["id"] == "with-meta")["metadata"] == metadata
+    replaced = upload_with_metadata(server, "with-meta", lora, metadata_file=b'{"version": 2}')
+    assert replaced.status_code == 200 and replaced.json()["version"] == 2
+    assert httpx.get(f"{server.url}/v1/adapters/with-meta").json()["metadata"] == {"version": 2}
+    assert upload_multipart(server, "no-meta", lora).json()["metadata"] == {}
+
+    before = listing(server)
+    limit = 64 * 1024
+    cases = [
+        ("not valid JSON", {"metadata": "{job_id: 1}"}),
+        ("must be a JSON object, not an array", {"metadata": json.dumps([metadata])}),
+        ("must be a JSON object, not a string", {"metadata": '"job-1"'}),
+        ("not valid JSON (NaN is not a JSON value", {"metadata": '{"loss": NaN}'}),
+        (f"exceeds the {limit}-byte limit", {"metadata": json.dumps({"pad": "x" * limit})}),
+        (f"exceeds the {limit}-byte limit", {"metadata_file": json.dumps({"pad": "x" * limit}).encode()}),
+        ("not UTF-8", {"metadata_file": b'{"name": "\xff"}'}),
+    ]
+    for needle, metadata_args in cases:
+        response = upload_with_metadata(server, "bad-meta", lora, **metadata_args)  # type: ignore[arg-type]
+        assert response.status_code == 400, (needle, response.status_code, response.text)
+        message = response.json()["error"]["message"]
+        assert message.startswith("metadata: ") and needle in message, (needle, message)
+    in_query = httpx.put(
+        f"{server.url}/v1/adapters/bad-meta",
+        params={"metadata": "{}"},
+        content=tar_of(lora),
+        headers={"content-type": "application/x-tar"},
+        timeout=60,
+    )
+    assert in_query.status_code == 400 and "tar uploads carry no metadata" in in_query.text
+    assert listing(server) == before
+    assert httpx.get(f"{server.url}/v1/adapters/bad-meta").status_code == 404
+
+
 def test_adapter_for_another_base_model_is_refused(
     server: Server, tmp_path: Path, default_model: ResolvedModel
 ):
