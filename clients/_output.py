@@ -37,7 +37,7 @@ def key_values(values: Mapping[str, Any]) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
+    if value is None or value == "":
         return "-"
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) or "-"

@@ -42,17 +42,16 @@ def job_path(job_id: str, suffix: str = "") -> str:
 
 
 def jobs(body: Any) -> builtins.list[Job]:
-    """A job listing: {"data": [...]} (as /v1/adapters answers), {"jobs": [...]} or a bare list."""
-    listing: Any = body.get("data", body.get("jobs", [])) if isinstance(body, dict) else body
-    return builtins.list(listing)
+    """A job listing, `{"object": "list", "data": [job, ...]}`, as /v1/adapters answers."""
+    return builtins.list(body["data"])
 
 
 def job_events(event: Any) -> builtins.list[Job]:
-    """One event of /events (the job after a change; its "error" is a string or null). An error event
-    (`{"error": {...}}`) ends the stream with its typed error."""
+    """One event of /events, `{"type": "status" | "progress" | "metrics", "job": job}`: the job after the
+    change. An error event (`{"error": {...}}`) ends the stream with its typed error."""
     if isinstance(event, dict) and isinstance(event.get("error"), dict):
         raise from_body(event, not_found=JobNotFound)
-    return [event]
+    return [event["job"]]
 
 
 class TrainerApi:
@@ -90,3 +89,12 @@ class TrainerApi:
     def list(self) -> Call[builtins.list[Job]]:
         """Every job, newest first."""
         return Call(HttpRequest("GET", JOBS), jobs, idempotent=True, not_found=JobNotFound)
+
+    @endpoint
+    def evaluate(self, data: TrainingData, adapter_id: str | None = None) -> Call[dict[str, Any]]:
+        """Score a registered adapter (or the base model, when adapter_id is None) on held-out data
+        through the server: greedy generation, then `exact_match`, `rouge1`, `rouge2`, `rougeL` and
+        `num_examples`. AdapterNotFound if the server does not have the adapter."""
+        form = {"adapter_id": adapter_id} if adapter_id else {}
+        request = HttpRequest("POST", "/v1/evaluations", form=form, files=(data_part("data", data),))
+        return Call(request, dict)

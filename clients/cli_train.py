@@ -116,10 +116,9 @@ def follow(client: TrainerClient, job: Job, as_json: bool) -> int:
     show = print_json if as_json else printer.update
     show(job)
     if job.get("status") not in ENDED:
-        for event in client.watch(job["id"]):
-            job = event.get("job", event)  # an event is the job, or {"type", "job"} as over gRPC
-            show(job)
-            if job.get("status") in ENDED:
+        for changed in client.watch(job["id"]):
+            show(changed)
+            if changed.get("status") in ENDED:
                 break
     printer.finish()
     job = client.get(job["id"])

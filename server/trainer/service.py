@@ -31,6 +31,7 @@ from adapterd.server.trainer.worker import ADAPTER_DIR, CONFIG_FILE, DATA_FILE, 
 
 log = logging.getLogger("adapterd.trainer")
 LOG_FILE = "worker.log"
+CANCEL_WAIT_S = 30.0  # a cancelled worker stops within seconds; past this, cancel answers "running"
 Event = tuple[str, dict[str, Any]]
 WORKER = (sys.executable, "-m", "adapterd.server.trainer.worker")  # then: JOB_DIR --model-dir --device
 
@@ -100,7 +101,8 @@ class TrainerService:
         return sorted(visible, key=lambda j: -j.seq)
 
     async def cancel(self, job_id: str, principal: Principal) -> Job:
-        """Cancel a queued job at once, a running one by stopping its worker (or its upload)."""
+        """Cancel a queued job at once, a running one by stopping its worker (or its upload) and waiting
+        (up to CANCEL_WAIT_S) until it has ended, so the answer shows it cancelled."""
         job = self.get(job_id, principal)
         principal.require_owner(job.adapter_id)
         if job.status == "queued":
@@ -112,6 +114,9 @@ class TrainerService:
                 self._upload.cancel()
             elif self._worker is not None:
                 signal_group(self._worker, signal.SIGTERM)
+        deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_S
+        while job.status not in ENDED and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         return job
 
     async def watch(self, job_id: str, principal: Principal) -> AsyncIterator[Event]:
