@@ -25,6 +25,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-gpu-adapters", type=int, default=8)
     parser.add_argument("--max-soft-prompts", type=int, default=8)
     parser.add_argument("--kv-cache-tokens", type=int, default=16384, help="KV cache budget in tokens")
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs (GPU)"
+    )
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_gpu_adapters=args.max_gpu_adapters,
         max_soft_prompts=args.max_soft_prompts,
         kv_cache_tokens=args.kv_cache_tokens,
+        cuda_graphs=not args.enforce_eager,
     )
 
 

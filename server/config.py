@@ -44,6 +44,7 @@ class EngineConfig:
     kv_cache_tokens: int = 16384
     max_seq_len: int = 4096
     max_prefill_tokens: int = 4096
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs on a GPU (`--enforce-eager`: off)
 
     def __post_init__(self) -> None:
         assert self.max_batch >= 1 and self.max_rank >= 1

@@ -8,6 +8,7 @@ import torch
 
 from adapterd.server.config import EngineConfig
 from adapterd.server.engine.adapter_slots import AdapterSlots, LoadedAdapter
+from adapterd.server.engine.cuda_graphs import DecodeGraphs
 from adapterd.server.engine.detokenizer import Detokenizer
 from adapterd.server.engine.kv_cache import BlockAllocator
 from adapterd.server.engine.model_runner import ModelRunner
@@ -33,10 +34,25 @@ class LLMEngine:
         self.vocab_size = model.config.vocab_size
         self.adapters = AdapterSlots(model, config, dtype, device)
         self.blocks = BlockAllocator(config.num_kv_blocks, config.kv_block_size)
-        kv = KVCache(model.config, config.num_kv_blocks * config.kv_block_size, dtype, device)
+        # One block past the allocator's: the spare slot that padding rows of a CUDA-graph step write to.
+        self.pad_slot = config.num_kv_blocks * config.kv_block_size
+        kv = KVCache(model.config, self.pad_slot + config.kv_block_size, dtype, device)
         self.scheduler = Scheduler(config, self.blocks, self.adapters)
         self.runner = ModelRunner(model, kv, self.adapters, config.kv_block_size)
+        if config.cuda_graphs and device.type == "cuda":
+            self.use_decode_graphs(capture=True)
         self.num_generated_tokens = 0
+
+    def use_decode_graphs(self, capture: bool) -> None:
+        """Run decode steps through padded static buffers, replayed from CUDA graphs when `capture`."""
+        self.runner.graphs = DecodeGraphs(
+            self.runner.forward,
+            self.runner.device,
+            self.config.max_batch,
+            self.config.max_rank,
+            self.pad_slot,
+            capture=capture,
+        )
 
     @property
     def has_work(self) -> bool:

@@ -5,7 +5,9 @@ The engine builds one `ForwardBatch` per step. Rows are sequences, padded to the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,7 +33,18 @@ class ForwardBatch:
     lora: LoraBatch
     prompt_slots: torch.Tensor  # [B] long; soft-prompt slot of each row, -1 for none
     prompt_lengths: torch.Tensor  # [B] long; virtual tokens of each row's soft prompt, 0 for none
+    has_soft_prompts: bool  # whether any row has a soft prompt (known on the host, so no sync to ask)
 
-    @property
-    def has_soft_prompts(self) -> bool:
-        return bool((self.prompt_slots >= 0).any())
+    def to(self, device: torch.device) -> ForwardBatch:
+        """This batch on `device`: host tensors go through pinned memory, copied without blocking."""
+        if device.type == "cpu":
+            return self
+        moved: dict[str, Any] = {
+            name: _to(value, device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)
+        }
+        lora = dataclasses.replace(self.lora, slots=_to(self.lora.slots, device))
+        return dataclasses.replace(self, lora=lora, **moved)
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
