@@ -152,6 +152,13 @@ def parse_lora_key(key: str) -> tuple[int, str, Literal["A", "B"]] | None:
 
 
 def read_adapter(path: str | Path, base: BaseModelInfo, max_rank: int) -> AdapterSpec:
+    return read_adapter_tensors(path, base, max_rank)[0]
+
+
+def read_adapter_tensors(
+    path: str | Path, base: BaseModelInfo, max_rank: int
+) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """`read_adapter`, also answering the tensors it read and checked, so loading needs no second read."""
     root = Path(path)
     if not root.is_dir():
         raise AdapterValidationError([AdapterProblem("path", "path: adapter directory not found")])
@@ -163,7 +170,7 @@ def read_adapter(path: str | Path, base: BaseModelInfo, max_rank: int) -> Adapte
     if problems:
         raise AdapterValidationError(problems)
     assert config is not None and tensors is not None
-    return _build_spec(root, config, tensors)
+    return _build_spec(root, config, tensors), tensors
 
 
 def _problem(field_name: str, message: str) -> AdapterProblem:

@@ -23,10 +23,15 @@ class LoraWeights:
 
 
 def load_lora_weights(spec: AdapterSpec, dtype: torch.dtype = torch.float32) -> LoraWeights:
+    return lora_weights(spec, load_file(spec.path / WEIGHTS_FILE), dtype)
+
+
+def lora_weights(spec: AdapterSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> LoraWeights:
+    """The LoRA of `tensors` (the adapter file's, as `read_adapter_tensors` answers them)."""
     if spec.kind != "lora":
         raise ValueError(f"adapter at {spec.path} is {spec.kind}, not lora")
     weights = LoraWeights(spec=spec, a={}, b={})
-    for key, tensor in load_file(spec.path / WEIGHTS_FILE).items():
+    for key, tensor in tensors.items():
         parsed = parse_lora_key(key)
         if parsed is None:
             raise ValueError(f"{key}: unrecognised tensor; validate the adapter with read_adapter first")
@@ -47,7 +52,16 @@ def load_prompt_embeddings(spec: AdapterSpec, dtype: torch.dtype = torch.float32
     if spec.kind != "prompt_tuning":
         raise ValueError(f"adapter at {spec.path} is {spec.kind}, not prompt_tuning")
     with safe_open(spec.path / WEIGHTS_FILE, framework="pt") as weights:
-        embeddings = weights.get_tensor(PROMPT_KEY)  # [num_virtual_tokens, hidden]
+        return prompt_embeddings(spec, {PROMPT_KEY: weights.get_tensor(PROMPT_KEY)}, dtype)
+
+
+def prompt_embeddings(
+    spec: AdapterSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """The soft prompt of `tensors`: [num_virtual_tokens, hidden]."""
+    if spec.kind != "prompt_tuning":
+        raise ValueError(f"adapter at {spec.path} is {spec.kind}, not prompt_tuning")
+    embeddings = tensors[PROMPT_KEY]
     if embeddings.shape[0] != spec.num_virtual_tokens:
         raise ValueError(f"{PROMPT_KEY}: expected {spec.num_virtual_tokens} rows, got {embeddings.shape[0]}")
     return embeddings.to(dtype)

@@ -20,9 +20,10 @@ from adapterd.adapters.format import (
     BaseModelInfo,
     InvalidAdapterId,
     read_adapter,
+    read_adapter_tensors,
     validate_adapter_id,
 )
-from adapterd.adapters.io import load_lora_weights, load_prompt_embeddings
+from adapterd.adapters.io import lora_weights, prompt_embeddings
 from adapterd.adapters.store import AdapterRecord, AdapterStore
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.errors import AdapterNotFound, InvalidAdapter
@@ -31,11 +32,17 @@ from adapterd.server.errors import AdapterNotFound, InvalidAdapter
 def load_adapter(
     record: AdapterRecord, base: BaseModelInfo, max_rank: int, dtype: torch.dtype
 ) -> LoadedAdapter:
-    """Validate a stored PEFT directory again and read its tensors into host memory."""
-    spec = _validated(record.path, base, max_rank)
+    """Validate a stored PEFT directory again (the store may have been edited) and keep the tensors that
+    validation read in host memory: one read of the file."""
+    try:
+        spec, tensors = read_adapter_tensors(record.path, base, max_rank)
+    except AdapterValidationError as exc:
+        raise InvalidAdapter(str(exc)) from exc
     if spec.kind == "lora":
-        return LoadedAdapter(record.id, spec, lora=load_lora_weights(spec, dtype), version=record.version)
-    return LoadedAdapter(record.id, spec, prompt=load_prompt_embeddings(spec, dtype), version=record.version)
+        return LoadedAdapter(record.id, spec, lora=lora_weights(spec, tensors, dtype), version=record.version)
+    return LoadedAdapter(
+        record.id, spec, prompt=prompt_embeddings(spec, tensors, dtype), version=record.version
+    )
 
 
 def _validated(path: Path, base: BaseModelInfo, max_rank: int) -> Any:
