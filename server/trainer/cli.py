@@ -35,7 +35,7 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default="http://127.0.0.1:8080", help="the adapterd server's HTTP URL")
     parser.add_argument(
         "--server-grpc",
-        help="the server's gRPC address (host:port); when given, uploads go over gRPC and carry metadata",
+        help="the server's gRPC address (host:port); when given, uploads go over gRPC instead of HTTP",
     )
     parser.add_argument(
         "--server-api-key", default=env_api_key(), help="admin key (default: $ADAPTERD_API_KEY)"

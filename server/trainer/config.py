@@ -13,6 +13,9 @@ METHODS = ("lora", "qlora", "prompt_tuning")
 ALL_LINEAR = tuple(MODULE_GROUPS)  # q, k, v, o, gate, up, down
 # Peak learning rates that work for small data sets; prompt tuning needs a much larger one.
 DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "prompt_tuning": 3e-2}
+# Beyond what num_virtual_tokens (at most 1024) can use; keeps the adapter's metadata, which records the config,
+# under the server's 64 KiB limit however the text is escaped.
+MAX_INIT_TEXT_CHARS = 8192
 LIMITS = {  # field -> (smallest, largest) allowed
     "rank": (1, 1024),
     "alpha": (1e-6, 1e6),
@@ -124,4 +127,9 @@ def _target_modules(value: Any) -> tuple[str, ...]:
 def _init_text(value: Any) -> str | None:
     if not isinstance(value, str):
         raise InvalidConfig("prompt_tuning_init_text", "must be a string")
+    if len(value) > MAX_INIT_TEXT_CHARS:
+        raise InvalidConfig(
+            "prompt_tuning_init_text",
+            f"is {len(value)} characters; at most {MAX_INIT_TEXT_CHARS} are allowed",
+        )
     return value or None

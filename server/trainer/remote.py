@@ -1,12 +1,13 @@
 """The adapterd server as the trainer sees it: its info, generation for evaluation, and adapter uploads.
 
-Everything goes through the server's public APIs (HTTP, or gRPC for uploads when `--server-grpc` is given,
-since only the gRPC upload carries metadata today). Kept in this one module so it can move onto
-`adapterd.clients` once that package exists.
+Everything goes through the server's public APIs: HTTP, or gRPC for uploads when `--server-grpc` is given.
+Both uploads record the same metadata with the adapter and answer the same description. Kept in this one
+module so it can move onto `adapterd.clients` once that package exists.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ class ServerClient:
     async def upload_adapter(
         self, adapter_id: str, adapter_dir: Path, metadata: dict[str, Any]
     ) -> dict[str, Any]:
-        """Upload a PEFT directory; the server serves it at once. Metadata is stored only over gRPC."""
+        """Upload a PEFT directory with its metadata (a JSON object, stored with the adapter); the server
+        serves it at once. Answers the server's description of the adapter."""
         if self.grpc_target:
             return await self._upload_grpc(adapter_id, adapter_dir, metadata)
         with (
@@ -67,13 +69,13 @@ class ServerClient:
             (adapter_dir / WEIGHTS_FILE).open("rb") as weights,
         ):
             files = {CONFIG_FILE: (CONFIG_FILE, config), WEIGHTS_FILE: (WEIGHTS_FILE, weights)}
-            return await self._call("PUT", f"/v1/adapters/{adapter_id}", files=files)
+            form = {"metadata": json.dumps(metadata, ensure_ascii=False, allow_nan=False)}
+            return await self._call("PUT", f"/v1/adapters/{adapter_id}", data=form, files=files)
 
     async def _upload_grpc(
         self, adapter_id: str, adapter_dir: Path, metadata: dict[str, Any]
     ) -> dict[str, Any]:
         import grpc
-        from google.protobuf import json_format
 
         from adapterd.v1 import adapters_pb2, adapters_pb2_grpc
 
@@ -95,7 +97,7 @@ class ServerClient:
                 response = await adapters_pb2_grpc.AdaptersStub(channel).UploadAdapter(parts(), metadata=auth)
             except grpc.aio.AioRpcError as exc:
                 raise _grpc_error(exc, self.grpc_target) from exc
-        return json_format.MessageToDict(response.adapter, preserving_proto_field_name=True)
+        return adapter_dict(response.adapter)
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -105,6 +107,22 @@ class ServerClient:
         if response.status_code >= 400:
             raise _http_error(response)
         return response.json()
+
+
+def adapter_dict(message: Any) -> dict[str, Any]:
+    """A gRPC `Adapter` as the HTTP description: every field present, integers as numbers, an unset
+    rank / num_virtual_tokens as None."""
+    from google.protobuf import json_format
+
+    description = json_format.MessageToDict(
+        message,
+        always_print_fields_with_no_presence=True,
+        preserving_proto_field_name=True,
+        unquote_int64_if_possible=True,
+    )
+    for name in ("rank", "num_virtual_tokens"):
+        description.setdefault(name, None)
+    return description
 
 
 def _http_error(response: httpx.Response) -> AdapterdError:

@@ -297,6 +297,7 @@ def test_lora_job_over_http_after_a_cancelled_one(server: serving.Server, traine
     assert metadata["job_id"] == job_id and metadata["base_model"] == "SmolLM2-135M-Instruct"
     assert metadata["quantization"] == "none" and metadata["method"] == "lora"
     assert metadata["metrics"]["adapter"]["exact_match"] == job["metrics"]["adapter"]["exact_match"]
+    assert job["adapter"]["size_bytes"] == adapter["size_bytes"] and job["adapter"]["rank"] == 8
     generation = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(server.grpc_target))
     for date in HELD_OUT[:5]:
         messages = chat(date)["messages"][:1]
@@ -411,9 +412,17 @@ def test_qlora_job_serves_on_the_nf4_base(tiny: serving.Server, tiny_trainer: Tr
     job = wait_for_end(tiny_trainer, response.json()["id"], timeout=180)
     assert job["status"] == "succeeded", job["error"]
     assert job["metrics"]["base"]["num_examples"] == job["metrics"]["adapter"]["num_examples"] == 4
-    assert httpx.get(f"{tiny.url}/info").json()["quantize"] == "nf4"
+    info = httpx.get(f"{tiny.url}/info").json()
+    assert info["quantize"] == "nf4"
     adapter = httpx.get(f"{tiny.url}/v1/adapters/tiny-qlora").json()
     assert adapter["type"] == "lora" and adapter["rank"] == 4 and adapter["version"] == 1
+    assert job["adapter"]["sha256"] == adapter["sha256"]
+    # Uploaded over HTTP (this trainer has no --server-grpc), with the job's metadata.
+    metadata = adapter["metadata"]
+    assert metadata["job_id"] == job["id"] and metadata["method"] == "qlora"
+    assert metadata["base_model"] == info["model_id"] and metadata["quantization"] == "nf4"
+    assert metadata["config"] == job["config"] and metadata["metrics"] == job["metrics"]
+    assert job["adapter"]["metadata"] == metadata
     # The server answers with the adapter what the job's evaluation generated on the same NF4 base.
     predictions = (tiny_trainer.work_dir / "jobs" / job["id"] / "predictions.jsonl").read_text().splitlines()
     matches = 0
