@@ -17,7 +17,12 @@ from .format import PROMPT_KEY, WEIGHTS_FILE, AdapterSpec, parse_lora_key
 
 @dataclass
 class LoraWeights:
+    """One adapter's LoRA, packed: every A [r, in] and scaled, transposed B [r, out] lie one after the other
+    in `flat`, so the whole adapter moves to a device slot in one copy. `a` and `b` are views into it."""
+
     spec: AdapterSpec
+    flat: torch.Tensor  # 1-D: for each entry, A then B^T
+    entries: list[tuple[tuple[int, str], int, int]]  # ((layer, module), offset of A, offset of B^T) in flat
     a: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> lora_A [r, in_features]
     b: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> lora_B * scaling [out_features, r]
 
@@ -26,20 +31,35 @@ def load_lora_weights(spec: AdapterSpec, dtype: torch.dtype = torch.float32) -> 
     return lora_weights(spec, load_file(spec.path / WEIGHTS_FILE), dtype)
 
 
-def lora_weights(spec: AdapterSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> LoraWeights:
-    """The LoRA of `tensors` (the adapter file's, as `read_adapter_tensors` answers them)."""
+def lora_weights(
+    spec: AdapterSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype, pin_memory: bool = False
+) -> LoraWeights:
+    """The LoRA of `tensors` (the adapter file's, as `read_adapter_tensors` answers them), packed into one
+    buffer (in page-locked memory with `pin_memory`, so copies to a GPU run at full speed)."""
     if spec.kind != "lora":
         raise ValueError(f"adapter at {spec.path} is {spec.kind}, not lora")
-    weights = LoraWeights(spec=spec, a={}, b={})
-    for key, tensor in tensors.items():
-        parsed = parse_lora_key(key)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        parsed = parse_lora_key(name)
         if parsed is None:
-            raise ValueError(f"{key}: unrecognised tensor; validate the adapter with read_adapter first")
+            raise ValueError(f"{name}: unrecognised tensor; validate the adapter with read_adapter first")
         layer, module, matrix = parsed
-        if matrix == "A":
-            weights.a[(layer, module)] = tensor.to(dtype)
-        else:
-            weights.b[(layer, module)] = _scaled(tensor, spec.scaling).to(dtype)
+        pairs.setdefault((layer, module), {})[matrix] = tensor
+    keys = sorted(pairs)
+    total = sum(pairs[k]["A"].numel() + pairs[k]["B"].numel() for k in keys)
+    flat = torch.empty(total, dtype=dtype, pin_memory=pin_memory)
+    weights = LoraWeights(spec=spec, flat=flat, entries=[], a={}, b={})
+    offset = 0
+    for key in keys:
+        lora_a, lora_b = pairs[key]["A"], pairs[key]["B"]  # [r, in], [out, r]
+        (rank, in_features), out_features = lora_a.shape, lora_b.shape[0]
+        a = flat[offset : offset + rank * in_features].view(rank, in_features)
+        b_t = flat[offset + a.numel() : offset + a.numel() + rank * out_features].view(rank, out_features)
+        a.copy_(lora_a)
+        b_t.copy_(_scaled(lora_b, spec.scaling).t())
+        weights.entries.append((key, offset, offset + a.numel()))
+        weights.a[key], weights.b[key] = a, b_t.t()
+        offset += a.numel() + b_t.numel()
     return weights
 
 

@@ -72,7 +72,12 @@ class Server:
         base = BaseModelInfo.from_hf_config(models.config, models.name)
         self.device = models.device
         self.registry = AdapterRegistry(
-            AdapterStore(store_dir), base, config.max_rank, models.placement.dtype, max_cpu_adapters
+            AdapterStore(store_dir),
+            base,
+            config.max_rank,
+            models.placement.dtype,
+            max_cpu_adapters,
+            pin_memory=models.placement.device.type == "cuda",
         )
         self.engine = LLMEngine(models.engine_model, tokenizer, eos, config)
         self.loop = EngineLoop(self.engine).start()

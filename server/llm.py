@@ -83,6 +83,7 @@ class LLM:
             self.engine_config.max_rank,
             self.placement.dtype,
             max_cpu_adapters,
+            pin_memory=self.placement.device.type == "cuda",
         )
         eos = eos_token_ids(resolved.path, self.tokenizer, self.model.config)
         self.engine = LLMEngine(self.model, self.tokenizer, eos, self.engine_config)

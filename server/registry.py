@@ -30,16 +30,18 @@ from adapterd.server.errors import AdapterNotFound, InvalidAdapter
 
 
 def load_adapter(
-    record: AdapterRecord, base: BaseModelInfo, max_rank: int, dtype: torch.dtype
+    record: AdapterRecord, base: BaseModelInfo, max_rank: int, dtype: torch.dtype, pin_memory: bool = False
 ) -> LoadedAdapter:
     """Validate a stored PEFT directory again (the store may have been edited) and keep the tensors that
-    validation read in host memory: one read of the file."""
+    validation read in host memory (one read of the file), page-locked with `pin_memory` (a GPU engine)."""
     try:
         spec, tensors = read_adapter_tensors(record.path, base, max_rank)
     except AdapterValidationError as exc:
         raise InvalidAdapter(str(exc)) from exc
     if spec.kind == "lora":
-        return LoadedAdapter(record.id, spec, lora=lora_weights(spec, tensors, dtype), version=record.version)
+        return LoadedAdapter(
+            record.id, spec, lora=lora_weights(spec, tensors, dtype, pin_memory), version=record.version
+        )
     return LoadedAdapter(
         record.id, spec, prompt=prompt_embeddings(spec, tensors, dtype), version=record.version
     )
@@ -67,12 +69,14 @@ class AdapterRegistry:
         max_rank: int,
         dtype: torch.dtype,
         max_cpu_adapters: int,
+        pin_memory: bool = False,
     ) -> None:
         self.store = store
         self.base = base
         self.max_rank = max_rank
         self.dtype = dtype
         self.max_cpu_adapters = max_cpu_adapters
+        self.pin_memory = pin_memory  # host copies in page-locked memory, for fast copies to a GPU
         self._records = {record.id: record for record in store.list()}
         self._loaded: OrderedDict[tuple[str, int], LoadedAdapter] = OrderedDict()
         self._lock = threading.Lock()
@@ -135,7 +139,7 @@ class AdapterRegistry:
             with self._lock:
                 if key in self._loaded:
                     return self._loaded[key]
-            loaded = load_adapter(record, self.base, self.max_rank, self.dtype)
+            loaded = load_adapter(record, self.base, self.max_rank, self.dtype, self.pin_memory)
             self._insert(key, loaded)
         return loaded
 

@@ -96,10 +96,7 @@ class AdapterSlots:
         self.max_rank = config.max_rank
         self.lora = SlotPool(config.max_gpu_adapters)
         self.prompts = SlotPool(config.max_soft_prompts)
-        self.linears = model.lora_linears()
-        for layer in self.linears:
-            for linear in layer.values():
-                linear.allocate_slots(config.max_gpu_adapters, config.max_rank, dtype, device)
+        self.lora_storage = LoraSlotStorage(model, config.max_gpu_adapters, config.max_rank, dtype, device)
         hidden = model.config.hidden_size
         model.soft_prompts = torch.zeros(
             config.max_soft_prompts, config.max_virtual_tokens, hidden, dtype=dtype, device=device
@@ -136,7 +133,47 @@ class AdapterSlots:
             self.model.soft_prompts[slot, : adapter.prompt.shape[0]].copy_(adapter.prompt)
             return
         assert adapter.lora is not None
-        for layer_index, layer in enumerate(self.linears):
+        self.lora_storage.fill(slot, adapter.lora)
+
+
+class LoraSlotStorage:
+    """Every LoRA slot is one row of a [slots, total] device tensor. In a row, each linear layer's A and
+    B sit rank-major ([R, in] and [R, out]), so an adapter of rank r fills a leading run of each; the layers
+    see their slots through views (`lora_a` [S, in, R], `lora_b` [S, R, out]). Filling a slot is one copy
+    of the adapter's packed host buffer to the device, then one batched device-side copy into place."""
+
+    def __init__(
+        self, model: LlamaModel, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.offsets: dict[tuple[int, str], tuple[int, int]] = {}  # (layer, module) -> A, B column offsets
+        total = 0
+        for layer_index, layer in enumerate(model.lora_linears()):
             for name, linear in layer.items():
-                key = (layer_index, name)
-                linear.set_slot(slot, adapter.lora.a.get(key), adapter.lora.b.get(key))
+                a_size, b_size = max_rank * linear.in_features, max_rank * linear.out_features
+                self.offsets[(layer_index, name)] = (total, total + a_size)
+                total += a_size + b_size
+        self.storage = torch.zeros(num_slots, total, dtype=dtype, device=device)
+        self.staging = torch.empty(total, dtype=dtype, device=device) if device.type == "cuda" else None
+        for layer_index, layer in enumerate(model.lora_linears()):
+            for name, linear in layer.items():
+                a, b = self.offsets[(layer_index, name)]
+                rows_a = self.storage[:, a : a + max_rank * linear.in_features]
+                linear.lora_a = rows_a.view(num_slots, max_rank, linear.in_features).transpose(1, 2)
+                linear.lora_b = self.storage[:, b : b + max_rank * linear.out_features].view(
+                    num_slots, max_rank, linear.out_features
+                )
+
+    def fill(self, slot: int, weights: LoraWeights) -> None:
+        row = self.storage[slot]
+        row.zero_()
+        source = weights.flat
+        if self.staging is not None:  # one host-to-device copy, from page-locked memory when it is
+            source = self.staging[: source.numel()]
+            source.copy_(weights.flat, non_blocking=True)
+        targets, parts = [], []
+        for key, a_offset, b_offset in weights.entries:
+            a_size, b_size = weights.a[key].numel(), weights.b[key].numel()
+            row_a, row_b = self.offsets[key]
+            targets += [row[row_a : row_a + a_size], row[row_b : row_b + b_size]]
+            parts += [source[a_offset : a_offset + a_size], source[b_offset : b_offset + b_size]]
+        torch._foreach_copy_(targets, parts)
