@@ -3,14 +3,31 @@
 Adapters live in fixed slots of stacked, zero-padded tensors (one pair per targeted linear layer):
 `a[slot] : [in, R]`, `b[slot] : [R, out]`, the LoRA scale folded into b once when the slot is filled.
 Zero padding makes every rank fit one shape: the padded columns contribute exact zeros.
+
+Kernel choice for mixed batches (rows with different adapters), read once from the environment at import:
+`ADAPTERD_LORA_KERNEL=auto` (the default; `triton` means the same) runs the Triton BGMV/SGMV kernels of
+`triton_lora` when x is on CUDA in fp16/bf16/fp32 and Triton is installed, else `bgmv_reference`;
+`ADAPTERD_LORA_KERNEL=torch` always runs `bgmv_reference` (the kill switch, should the kernels misbehave on
+some GPU). `KERNEL` holds the value ("auto" or "torch"); tests may reassign it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
 
 from adapterd.server.model.batch import LoraBatch
+from adapterd.server.model.triton_lora import SUPPORTED_DTYPES, bgmv_triton, triton_available
+
+KERNEL = {"": "auto", "auto": "auto", "triton": "auto", "torch": "torch"}.get(
+    os.environ.get("ADAPTERD_LORA_KERNEL", "").strip().lower(), ""
+)
+if not KERNEL:
+    raise ValueError(
+        f"ADAPTERD_LORA_KERNEL must be auto, triton or torch, not {os.environ['ADAPTERD_LORA_KERNEL']!r}"
+    )
 
 
 def bgmv_reference(
@@ -29,9 +46,12 @@ def bgmv_reference(
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-    """The batch's LoRA delta: two plain matmuls when every row uses one adapter, else the gather op."""
+    """The batch's LoRA delta: two plain matmuls when every row uses one adapter, else the gather op
+    (the Triton kernels on CUDA, `bgmv_reference` elsewhere or with ADAPTERD_LORA_KERNEL=torch)."""
     if lora.shared_slot is not None:
         return (x @ a[lora.shared_slot, :, : lora.rank]) @ b[lora.shared_slot, : lora.rank, :]
+    if KERNEL == "auto" and x.is_cuda and x.dtype in SUPPORTED_DTYPES and triton_available():
+        return bgmv_triton(x, a, b, lora.slots, lora.rank)
     return bgmv_reference(x, a, b, lora.slots, lora.rank)
 
 
