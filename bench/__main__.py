@@ -16,6 +16,7 @@ import torch
 from adapterd.server.model.loader import Placement
 
 from . import report
+from .checks import run_checks
 from .models import Models, build_random, load_default
 from .run import Bench, engine_config
 from .settings import CPU, GPU, GPU_TINY, Settings, llama31_8b_config, tiny_config
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="adapterd-bench-") as work_dir:
         bench = Bench(settings, models, Path(work_dir), log)
         try:
+            log("checking the fast paths against the reference paths")
+            results["checks"] = run_checks(bench)
             log("warming up")
             bench.warm_up()
             log("throughput (adapterd and PEFT interleaved)")

@@ -155,8 +155,28 @@ def _ratio(ours: dict[str, Any], peft: dict[str, Any], metric: str) -> str:
     return f"{ours[metric]['median'] / peft[metric]['median']:.2f}x" if peft else "n/a"
 
 
+def checks_table(checks: dict[str, Any]) -> list[str]:
+    graphs, kernels = checks["graphs_vs_eager"], checks["lora_kernels"]
+    path = "CUDA graphs replayed" if graphs["captured"] else "padded graph path, run eagerly"
+    lines = [
+        "| check (before timing) | result |",
+        "|---|---|",
+        f"| {path} vs eager, {graphs['rows']} rows of LoRA + soft prompts | "
+        f"{graphs['token_agreement']:.1%} of {graphs['tokens']} tokens agree, "
+        f"{graphs['rows_identical']}/{graphs['rows']} rows identical |",
+    ]
+    if not kernels["ran"]:
+        return [*lines, f"| Triton LoRA kernels vs bgmv_reference | not run: {kernels['why']} |", ""]
+    for shape, error in kernels["max_relative_error"].items():
+        lines.append(
+            f"| Triton LoRA kernel vs bgmv_reference, {shape} | max error {error:.2e} of the delta |"
+        )
+    return [*lines, ""]
+
+
 def tables(results: dict[str, Any]) -> str:
     lines = [
+        *(checks_table(results["checks"]) if "checks" in results else []),
         "| case | B | adapterd decode tok/s | PEFT decode tok/s | adapterd / PEFT | same, per CPU-second "
         "| adapterd prefill ms | PEFT prefill ms | adapterd e2e tok/s | PEFT e2e tok/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

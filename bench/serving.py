@@ -43,6 +43,7 @@ class _Recorder:
         self.first_cpu = [0.0] * num_rows  # process CPU time at the same events
         self.last_cpu = [0.0] * num_rows
         self.num_tokens = [0] * num_rows
+        self.token_ids: list[list[int]] = [[] for _ in range(num_rows)]
         self.remaining = num_rows
         self.errors: list[str] = []
         self.done = threading.Event()
@@ -55,6 +56,7 @@ class _Recorder:
                     self.first[row], self.first_cpu[row] = now, cpu
                 self.last[row], self.last_cpu[row] = now, cpu
                 self.num_tokens[row] += 1
+                self.token_ids[row].append(event.token_id)
                 return
             if event.error:
                 self.errors.append(event.error)
@@ -93,6 +95,13 @@ class Server:
 
     def run(self, rows: list[Row]) -> Run:
         """Generate every row in one continuous batch (ignoring eos); time it."""
+        return self._run(rows)[0]
+
+    def generate(self, rows: list[Row]) -> list[list[int]]:
+        """Every row's generated token ids, generated in one continuous batch."""
+        return self._run(rows)[1]
+
+    def _run(self, rows: list[Row]) -> tuple[Run, list[list[int]]]:
         recorder = _Recorder(len(rows))
 
         def add_all(engine: LLMEngine) -> None:
@@ -110,7 +119,8 @@ class Server:
             raise RuntimeError(f"adapterd failed a request: {recorder.errors[0]}")
         first, last = max(recorder.first), max(recorder.last)
         decode_cpu = max(recorder.last_cpu) - max(recorder.first_cpu)
-        return Run(len(rows), sum(recorder.num_tokens), first - start, last - first, end - start, decode_cpu)
+        run = Run(len(rows), sum(recorder.num_tokens), first - start, last - first, end - start, decode_cpu)
+        return run, recorder.token_ids
 
     def time_slot_fills(self, adapters: list[LoadedAdapter]) -> list[float]:
         """Seconds to place each adapter (never placed before) from host memory into a device slot."""

@@ -1,0 +1,94 @@
+"""Before anything is timed: the fast paths agree with the reference paths on this device and model.
+
+- Decode through CUDA graphs (on a CPU: the same padded static path, run eagerly) against eager decoding,
+  on a batch mixing distinct LoRA adapters and soft prompts: the share of generated tokens that agree.
+- The Triton LoRA kernels (CUDA only) against `bgmv_reference`, on this model's slot tensors filled with
+  the bench's adapters, for a decode batch and a prefill batch: the largest error relative to the delta.
+A timing of wrong code is worthless, so these come first in the report.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from adapterd.server.engine.engine import LLMEngine
+from adapterd.server.model.lora import bgmv_reference
+from adapterd.server.model.triton_lora import bgmv_triton, triton_available
+
+from .workload import Case, random_prompts
+
+if TYPE_CHECKING:
+    from .run import Bench
+
+NEW_TOKENS = 16
+
+
+def run_checks(bench: Bench) -> dict[str, Any]:
+    return {"graphs_vs_eager": graphs_vs_eager(bench), "lora_kernels": lora_kernels(bench)}
+
+
+def graphs_vs_eager(bench: Bench) -> dict[str, Any]:
+    case = Case("check", "LoRA + soft prompts", bench.s.batch, "soft")
+    prompts = random_prompts(case.batch, bench.s.prompt_tokens, bench.vocab_size, seed=12_345)
+    rows = bench.rows(case, prompts, NEW_TOKENS)
+    server = bench.server
+    kept = server.engine.runner.graphs
+    capture = server.device.type == "cuda"
+
+    def use_graphs(on: bool) -> None:
+        def switch(engine: LLMEngine) -> None:
+            if on:
+                engine.use_decode_graphs(capture=capture)
+            else:
+                engine.runner.graphs = None
+
+        server.loop.call(switch).result()
+
+    try:
+        use_graphs(True)
+        with_graphs = server.generate(rows)
+        use_graphs(False)
+        eager = server.generate(rows)
+    finally:
+        server.loop.call(lambda engine: setattr(engine.runner, "graphs", kept)).result()
+    pairs = [(a, b) for x, y in zip(with_graphs, eager, strict=True) for a, b in zip(x, y, strict=True)]
+    return {
+        "captured": capture,
+        "rows": len(rows),
+        "tokens": len(pairs),
+        "token_agreement": sum(a == b for a, b in pairs) / len(pairs),
+        "rows_identical": sum(x == y for x, y in zip(with_graphs, eager, strict=True)),
+    }
+
+
+def lora_kernels(bench: Bench) -> dict[str, Any]:
+    device = bench.server.device
+    if device.type != "cuda" or not triton_available():
+        return {"ran": False, "why": "needs CUDA and Triton"}
+    adapters = bench.loras[: bench.s.batch]
+    server = bench.server
+
+    def fill(engine: LLMEngine) -> None:
+        for adapter in adapters:
+            engine.adapters.acquire(adapter)
+            engine.adapters.release(adapter)
+
+    server.loop.call(fill).result()
+    linears = bench.models.engine_model.lora_linears()[0]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    errors: dict[str, float] = {}
+    for name in ("q_proj", "down_proj"):
+        linear = linears[name]
+        a, b = linear.lora_a, linear.lora_b
+        assert a is not None and b is not None
+        num_slots = a.shape[0]
+        for shape in ((64, 1), (4, 32)):  # decode (BGMV), prefill (SGMV)
+            x = torch.randn(*shape, a.shape[1], generator=generator).to(device, a.dtype)
+            slots = torch.randint(-1, num_slots, (shape[0],), generator=generator).to(device)
+            expected = bgmv_reference(x.float(), a.float(), b.float(), slots, bench.s.rank)
+            got = bgmv_triton(x, a, b, slots, bench.s.rank).float()
+            scale = expected.abs().max().clamp(min=1e-6)
+            errors[f"{name} B={shape[0]} T={shape[1]}"] = float((got - expected).abs().max() / scale)
+    return {"ran": True, "max_relative_error": errors}
