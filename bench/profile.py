@@ -29,6 +29,7 @@ from torch import nn
 from adapterd.server.config import EngineConfig
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.sampler import sample
+from adapterd.server.model.batch import LoraBatch
 from adapterd.server.model.llama import DecoderLayer, LlamaModel
 from adapterd.server.model.lora import LoRALinear, bgmv_reference
 from adapterd.server.protocol import SamplingParams
@@ -336,7 +337,7 @@ def _lora_variants(linear: LoRALinear, batch: int, num_slots_used: int) -> dict[
     return {
         "base linear": _micro(lambda: linear.base(x)),
         "bgmv_reference": _micro(lambda: bgmv_reference(x, a, b, slots, rank)),
-        "LoRALinear.forward (base + delta)": _micro(lambda: linear(x, slots, rank)),
+        "LoRALinear.forward (base + delta)": _micro(lambda: linear(x, LoraBatch(slots, rank))),
         "dense over slots (2 GEMMs + mask)": _micro(dense),
         "base and LoRA fused (1 wider GEMM + addmm)": _micro(fused_with_base),
     }

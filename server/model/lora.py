@@ -45,13 +45,29 @@ def bgmv_reference(
     return delta * has_adapter.to(delta.dtype)[:, None, None]
 
 
+def lora_over_slots(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """`bgmv_reference` for decode rows (T = 1) without gathering: every row times every slot's A (one
+    batched matmul reading each slot once), other slots' products zeroed, then times every slot's B and
+    summed over slots. Costs slots/rows times the reference's arithmetic but copies no weights, so it
+    wins while the slots in use are not many more than the rows. a, b: the slots in use, [S', in, R], [S', R, out]."""
+    shrunk = torch.matmul(x[:, 0], a[:, :, :rank])  # [S', B, rank]
+    own = slots[None, :] == torch.arange(a.shape[0], device=slots.device)[:, None]  # [S', B]
+    delta = torch.bmm(shrunk * own[:, :, None].to(shrunk.dtype), b[:, :rank, :])  # [S', B, out]
+    return delta.sum(0)[:, None, :]
+
+
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-    """The batch's LoRA delta: two plain matmuls when every row uses one adapter, else the gather op
-    (the Triton kernels on CUDA, `bgmv_reference` elsewhere or with ADAPTERD_LORA_KERNEL=torch)."""
+    """The batch's LoRA delta: two plain matmuls when every row uses one adapter; else the Triton kernels
+    on CUDA; else, for decode rows over few slots, `lora_over_slots`; else `bgmv_reference`."""
     if lora.shared_slot is not None:
         return (x @ a[lora.shared_slot, :, : lora.rank]) @ b[lora.shared_slot, : lora.rank, :]
     if KERNEL == "auto" and x.is_cuda and x.dtype in SUPPORTED_DTYPES and triton_available():
         return bgmv_triton(x, a, b, lora.slots, lora.rank)
+    span = lora.slot_span or a.shape[0]
+    if x.shape[1] == 1 and span <= 2 * x.shape[0]:
+        return lora_over_slots(x, a[:span], b[:span], lora.slots, lora.rank)
     return bgmv_reference(x, a, b, lora.slots, lora.rank)
 
 

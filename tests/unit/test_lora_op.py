@@ -160,3 +160,24 @@ def test_one_adapter_for_every_row_takes_the_plain_matmul_path_with_the_same_res
         torch.testing.assert_close(
             shared, per_row_reference(x, [1] * 4, adapters), **TOLERANCES[torch.float64]
         )
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2, -1], [2, 2, 0], [-1, -1], [1]])
+@pytest.mark.parametrize("rank", [4, MAX_RANK])
+def test_decode_over_slots_equals_the_gather(slots: list[int], rank: int) -> None:
+    """lora_over_slots (no weight copies; decode rows) computes bgmv_reference's delta, slots in use only."""
+    from adapterd.server.model.lora import lora_over_slots
+
+    layer = make_layer(torch.float64)
+    fill(layer, three_ranks(torch.float64))
+    assert layer.lora_a is not None and layer.lora_b is not None
+    x = torch.randn(len(slots), 1, IN, dtype=torch.float64)
+    index = torch.tensor(slots)
+    expected = bgmv_reference(x, layer.lora_a, layer.lora_b, index, rank)
+    span = max(slots) + 1
+    got = lora_over_slots(x, layer.lora_a[:span], layer.lora_b[:span], index, rank)
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
+    batch = LoraBatch(index, rank, slot_span=span)
+    torch.testing.assert_close(
+        lora_delta(x, layer.lora_a, layer.lora_b, batch), expected, **TOLERANCES[torch.float64]
+    )
