@@ -17,7 +17,7 @@ from typing import Any
 
 from adapterd.server.config import EngineConfig
 from adapterd.server.errors import AdapterdError
-from adapterd.server.trainer.data import Example
+from adapterd.server.trainer.data import Example, read_examples
 from adapterd.server.trainer.remote import ServerClient
 
 REMOTE_CONCURRENCY = 8  # requests in flight to the server: enough for its continuous batch to help
@@ -132,3 +132,15 @@ async def evaluate_remote(
 
     predictions = await asyncio.gather(*(one(e) for e in examples))
     return score(predictions, [e.completion for e in examples]), list(predictions)
+
+
+async def evaluate_file(server: ServerClient, data: Path, adapter_id: str | None) -> Scores:
+    """`POST /v1/evaluations` and gRPC `Evaluate`: validate a JSONL file (every bad line named), score it."""
+
+    def read() -> list[Example]:
+        with data.open("rb") as lines:
+            return read_examples(lines, "data")
+
+    examples = await asyncio.to_thread(read)
+    scores, _ = await evaluate_remote(server, examples, adapter_id)
+    return scores

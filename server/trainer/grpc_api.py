@@ -8,18 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adapterd.server.auth import ApiKeys, Principal
-from adapterd.server.errors import InvalidRequest
+from adapterd.server.errors import AdapterNotFound, InvalidRequest, PayloadTooLarge
 from adapterd.server.grpc.common import rpc
 from adapterd.server.grpc.server import MAX_MESSAGE_BYTES, GrpcBindError, GrpcServer
 from adapterd.server.trainer.config import JobConfig
+from adapterd.server.trainer.evaluate import evaluate_file
+from adapterd.server.trainer.http_api import MAX_DATA_BYTES
 from adapterd.server.trainer.jobs import Job
 from adapterd.server.trainer.service import TrainerService
+from adapterd.v1 import adapters_pb2, training_pb2_grpc
 from adapterd.v1 import training_pb2 as pb
-from adapterd.v1 import training_pb2_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Training"].full_name
 OPTIONAL_FIELDS = (
@@ -46,28 +49,42 @@ def config_dict(message: pb.JobConfig) -> dict[str, Any]:
 
 
 def job_message(job: dict[str, Any]) -> pb.Job:
-    """A job dict (`Job.to_dict()`) as the proto message; metrics only once evaluated."""
+    """A job dict (`Job.to_dict()`) as the proto message: every field of the HTTP job; metrics only once
+    evaluated, the example counts once the data is loaded, the adapter once uploaded."""
     message = pb.Job(
         id=job["id"],
         adapter_id=job["adapter_id"],
         method=job["method"],
         status=job["status"],
+        phase=job["phase"],
+        config=json_format.ParseDict(job["config"], pb.JobConfig()),
         progress=pb.JobProgress(**job["progress"]),
         error=job["error"] or "",
         created_at=job["created_at"],
         started_at=job["started_at"] or "",
         finished_at=job["finished_at"] or "",
     )
+    for name in ("num_train_examples", "num_eval_examples"):
+        if job[name] is not None:
+            setattr(message, name, job[name])
     for name, scores in (job["metrics"] or {}).items():
-        getattr(message.metrics, name).CopyFrom(
-            pb.EvalScores(
-                exact_match=scores["exact_match"],
-                rouge1=scores["rouge1"],
-                rouge2=scores["rouge2"],
-                rouge_l=scores["rougeL"],
-            )
+        getattr(message.metrics, name).CopyFrom(scores_message(scores))
+    if job["adapter"]:
+        message.adapter.CopyFrom(
+            json_format.ParseDict(job["adapter"], adapters_pb2.Adapter(), ignore_unknown_fields=True)
         )
     return message
+
+
+def scores_message(scores: dict[str, Any]) -> pb.EvalScores:
+    """`Scores.to_dict()` (the HTTP API's scores) as the proto message."""
+    return pb.EvalScores(
+        exact_match=scores["exact_match"],
+        rouge1=scores["rouge1"],
+        rouge2=scores["rouge2"],
+        rouge_l=scores["rougeL"],
+        num_examples=scores["num_examples"],
+    )
 
 
 async def receive_files(parts: AsyncIterator[pb.SubmitJobRequest], tmp: Path) -> tuple[Path, Path | None]:
@@ -87,6 +104,21 @@ async def receive_files(parts: AsyncIterator[pb.SubmitJobRequest], tmp: Path) ->
     if data.stat().st_size == 0:
         raise InvalidRequest("no training data: send data_chunk messages after the config")
     return data, eval_data if eval_data.stat().st_size else None
+
+
+async def receive_eval_data(parts: AsyncIterator[pb.EvaluateRequest], path: Path) -> None:
+    """Write Evaluate's data chunks to `path`, refused past the HTTP API's per-file limit."""
+    size = 0
+    with path.open("wb") as data:
+        async for part in parts:
+            if part.WhichOneof("part") != "data_chunk":
+                raise InvalidRequest("send the header first and only once, then data chunks")
+            size += len(part.data_chunk)
+            if size > MAX_DATA_BYTES:
+                raise PayloadTooLarge(f"data exceeds the {MAX_DATA_BYTES}-byte limit")
+            data.write(part.data_chunk)
+    if size == 0:
+        raise InvalidRequest("no evaluation data: send data_chunk messages after the header")
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServicer):
@@ -124,6 +156,23 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
     @rpc
     async def CancelJob(self, request: pb.CancelJobRequest, principal: Principal) -> pb.Job:
         return job_message((await self.service.cancel(request.id, principal)).to_dict())
+
+    @rpc
+    async def Evaluate(
+        self, requests: AsyncIterator[pb.EvaluateRequest], principal: Principal
+    ) -> pb.Evaluation:
+        parts = aiter(requests)
+        first = await anext(parts, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidRequest("the first message of Evaluate must be the header (the adapter id)")
+        adapter_id = first.header.adapter_id or None
+        if adapter_id and not principal.can_see(adapter_id):  # before receiving any data
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
+        with tempfile.TemporaryDirectory(dir=self.service.store.tmp) as tmp:
+            data = Path(tmp) / "data"
+            await receive_eval_data(parts, data)
+            scores = await evaluate_file(self.service.server, data, adapter_id)
+        return pb.Evaluation(adapter_id=adapter_id or "", scores=scores_message(scores.to_dict()))
 
 
 async def start_grpc_server(service: TrainerService, keys: ApiKeys, address: str) -> GrpcServer:

@@ -31,9 +31,8 @@ from adapterd.server.errors import AdapterdError, AdapterNotFound, InvalidReques
 from adapterd.server.http.openai import openai_error
 from adapterd.server.http.sse import first_then_rest, sse_response
 from adapterd.server.trainer.config import JobConfig
-from adapterd.server.trainer.data import read_examples
 from adapterd.server.trainer.errors import InvalidConfig
-from adapterd.server.trainer.evaluate import evaluate_remote
+from adapterd.server.trainer.evaluate import evaluate_file
 from adapterd.server.trainer.service import TrainerService
 
 MAX_DATA_BYTES = 1024**3  # per file
@@ -94,9 +93,7 @@ class TrainerRoutes:
             with tempfile.TemporaryDirectory(dir=self.service.store.tmp) as tmp:
                 data = await _save_file(form, "data", Path(tmp), required=True)
                 assert data is not None
-                with data.open("rb") as lines:
-                    examples = read_examples(lines, "data")
-        scores, _ = await evaluate_remote(self.service.server, examples, adapter_id)
+                scores = await evaluate_file(self.service.server, data, adapter_id)
         return JSONResponse({"adapter_id": adapter_id, **scores.to_dict()})
 
 

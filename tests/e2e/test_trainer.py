@@ -30,10 +30,12 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 from adapterd.server.model.resolve import ResolvedModel
 from adapterd.server.trainer.jobs import INTERRUPTED
 from adapterd.v1 import generation_pb2, generation_pb2_grpc, training_pb2, training_pb2_grpc
 from tests.e2e import serving
+from tests.reference import make_lora_adapter
 
 TRAINER = (serving.ADAPTERD,)  # `adapterd trainer`
 EVAL = (sys.executable, "-m", "adapterd.server.trainer.cli", "eval")  # `adapterd eval`, not wired yet
@@ -423,6 +425,18 @@ def test_qlora_job_serves_on_the_nf4_base(tiny: serving.Server, tiny_trainer: Tr
     assert metadata["base_model"] == info["model_id"] and metadata["quantization"] == "nf4"
     assert metadata["config"] == job["config"] and metadata["metrics"] == job["metrics"]
     assert job["adapter"]["metadata"] == metadata
+    # gRPC GetJob answers every field the HTTP job has.
+    described = tiny_trainer.training.GetJob(training_pb2.GetJobRequest(id=job["id"]))
+    assert described.phase == "" and described.config.rank == 4 and described.config.max_steps == 4
+    assert described.config.learning_rate == job["config"]["learning_rate"]
+    assert not described.config.HasField("prompt_tuning_init_text")
+    assert described.num_train_examples == 40 and described.num_eval_examples == 4
+    assert described.metrics.adapter.num_examples == 4
+    assert (
+        described.adapter.sha256 == adapter["sha256"]
+        and described.adapter.size_bytes == adapter["size_bytes"]
+    )
+    assert described.adapter.metadata["job_id"] == job["id"]
     # The server answers with the adapter what the job's evaluation generated on the same NF4 base.
     predictions = (tiny_trainer.work_dir / "jobs" / job["id"] / "predictions.jsonl").read_text().splitlines()
     matches = 0
@@ -432,6 +446,52 @@ def test_qlora_job_serves_on_the_nf4_base(tiny: serving.Server, tiny_trainer: Tr
         assert answer.status_code == 200
         matches += answer.json()["generated_text"] == json.loads(line)["prediction"]
     assert matches >= 3  # bitsandbytes' CPU kernels may flip a near-tie between batch shapes
+
+
+def evaluate_grpc(trainer: Trainer, adapter_id: str, data: bytes, header: bool = True) -> Any:
+    parts = [training_pb2.EvaluateRequest(header=training_pb2.EvaluateHeader(adapter_id=adapter_id))]
+    parts = parts if header else []
+    parts += [training_pb2.EvaluateRequest(data_chunk=data[i : i + 4096]) for i in range(0, len(data), 4096)]
+    return trainer.training.Evaluate(iter(parts), timeout=120)
+
+
+def test_evaluate_over_grpc(
+    tiny: serving.Server, tiny_trainer: Trainer, tiny_model: str, tmp_path: Path
+) -> None:
+    lora = make_lora_adapter(Path(tiny_model), tmp_path / "lora", r=4, alpha=8, target_modules="all-linear")
+    files = {name: (name, (lora / name).read_bytes()) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    assert httpx.put(f"{tiny.url}/v1/adapters/tiny-eval", files=files, timeout=60).status_code in (200, 201)
+    data = jsonl([plain(d) for d in HELD_OUT[:3]] + [chat(d) for d in HELD_OUT[3:5]])
+
+    for adapter_id in ("", "tiny-eval"):
+        evaluation = evaluate_grpc(tiny_trainer, adapter_id, data)
+        assert evaluation.adapter_id == adapter_id and evaluation.scores.num_examples == 5
+        scores = evaluation.scores
+        assert all(0 <= v <= 1 for v in (scores.exact_match, scores.rouge1, scores.rouge2, scores.rouge_l))
+    over_http = httpx.post(
+        f"{tiny_trainer.url}/v1/evaluations",
+        data={"adapter_id": "tiny-eval"},
+        files={"data": ("eval.jsonl", data)},
+        timeout=120,
+    ).json()
+    assert over_http["adapter_id"] == "tiny-eval" and over_http["num_examples"] == 5
+
+    for adapter_id, body, header, code, words in [
+        ("nope", data, True, grpc.StatusCode.NOT_FOUND, "nope"),
+        (
+            "",
+            data.split(b"\n")[0] + b"\nnot json\n",
+            True,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "line 2: not valid JSON",
+        ),
+        ("", b"[]\n", True, grpc.StatusCode.INVALID_ARGUMENT, "data: 1 invalid line: line 1"),
+        ("", b"", True, grpc.StatusCode.INVALID_ARGUMENT, "no evaluation data"),
+        ("", data, False, grpc.StatusCode.INVALID_ARGUMENT, "first message of Evaluate must be the header"),
+    ]:
+        with pytest.raises(grpc.RpcError) as caught:
+            evaluate_grpc(tiny_trainer, adapter_id, body, header)
+        assert caught.value.code() == code and words in caught.value.details(), caught.value.details()
 
 
 def test_bad_submissions_are_refused_with_the_reason(tiny_trainer: Trainer) -> None:

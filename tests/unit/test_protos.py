@@ -48,6 +48,7 @@ CONTRACT = {
         "ListJobs": (False, False),
         "WatchJob": (False, True),
         "CancelJob": (False, False),
+        "Evaluate": (True, False),  # beyond API.md: the trainer's POST /v1/evaluations
     },
 }
 

@@ -1,3 +1,4 @@
+from adapterd.v1 import adapters_pb2 as _adapters_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -63,16 +64,18 @@ class JobProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class EvalScores(_message.Message):
-    __slots__ = ("exact_match", "rouge1", "rouge2", "rouge_l")
+    __slots__ = ("exact_match", "rouge1", "rouge2", "rouge_l", "num_examples")
     EXACT_MATCH_FIELD_NUMBER: _ClassVar[int]
     ROUGE1_FIELD_NUMBER: _ClassVar[int]
     ROUGE2_FIELD_NUMBER: _ClassVar[int]
     ROUGE_L_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     exact_match: float
     rouge1: float
     rouge2: float
     rouge_l: float
-    def __init__(self, exact_match: _Optional[float] = ..., rouge1: _Optional[float] = ..., rouge2: _Optional[float] = ..., rouge_l: _Optional[float] = ...) -> None: ...
+    num_examples: int
+    def __init__(self, exact_match: _Optional[float] = ..., rouge1: _Optional[float] = ..., rouge2: _Optional[float] = ..., rouge_l: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
 
 class JobMetrics(_message.Message):
     __slots__ = ("base", "adapter")
@@ -83,7 +86,7 @@ class JobMetrics(_message.Message):
     def __init__(self, base: _Optional[_Union[EvalScores, _Mapping]] = ..., adapter: _Optional[_Union[EvalScores, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "adapter_id", "method", "status", "progress", "metrics", "error", "created_at", "started_at", "finished_at")
+    __slots__ = ("id", "adapter_id", "method", "status", "progress", "metrics", "error", "created_at", "started_at", "finished_at", "phase", "config", "num_train_examples", "num_eval_examples", "adapter")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +97,11 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter_id: str
     method: str
@@ -104,7 +112,12 @@ class Job(_message.Message):
     created_at: str
     started_at: str
     finished_at: str
-    def __init__(self, id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., method: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ...) -> None: ...
+    phase: str
+    config: JobConfig
+    num_train_examples: int
+    num_eval_examples: int
+    adapter: _adapters_pb2.Adapter
+    def __init__(self, id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., method: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., phase: _Optional[str] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., num_train_examples: _Optional[int] = ..., num_eval_examples: _Optional[int] = ..., adapter: _Optional[_Union[_adapters_pb2.Adapter, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
@@ -141,3 +154,25 @@ class CancelJobRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class EvaluateHeader(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("header", "data_chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: EvaluateHeader
+    data_chunk: bytes
+    def __init__(self, header: _Optional[_Union[EvaluateHeader, _Mapping]] = ..., data_chunk: _Optional[bytes] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("adapter_id", "scores")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    scores: EvalScores
+    def __init__(self, adapter_id: _Optional[str] = ..., scores: _Optional[_Union[EvalScores, _Mapping]] = ...) -> None: ...

@@ -62,6 +62,11 @@ class TrainingStub:
                 request_serializer=adapterd_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=adapterd_dot_v1_dot_training__pb2.Job.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.stream_unary(
+                '/adapterd.v1.Training/Evaluate',
+                request_serializer=adapterd_dot_v1_dot_training__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=adapterd_dot_v1_dot_training__pb2.Evaluation.FromString,
+                _registered_method=True)
 
 
 class TrainingServicer:
@@ -107,6 +112,16 @@ class TrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request_iterator, context):
+        """Scores the base model or a registered adapter on held-out data, through the server, as a job scores
+        its adapter (greedy generation, the same token budgets): HTTP `POST /v1/evaluations`. First an
+        EvaluateHeader, then the data (JSONL) in chunks. Unknown adapter NOT_FOUND, malformed data
+        INVALID_ARGUMENT (every bad line named), the server unreachable UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +149,11 @@ def add_TrainingServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=adapterd_dot_v1_dot_training__pb2.CancelJobRequest.FromString,
                     response_serializer=adapterd_dot_v1_dot_training__pb2.Job.SerializeToString,
+            ),
+            'Evaluate': grpc.stream_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=adapterd_dot_v1_dot_training__pb2.EvaluateRequest.FromString,
+                    response_serializer=adapterd_dot_v1_dot_training__pb2.Evaluation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -274,6 +294,33 @@ class Training:
             '/adapterd.v1.Training/CancelJob',
             adapterd_dot_v1_dot_training__pb2.CancelJobRequest.SerializeToString,
             adapterd_dot_v1_dot_training__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/adapterd.v1.Training/Evaluate',
+            adapterd_dot_v1_dot_training__pb2.EvaluateRequest.SerializeToString,
+            adapterd_dot_v1_dot_training__pb2.Evaluation.FromString,
             options,
             channel_credentials,
             insecure,
