@@ -137,43 +137,39 @@ class AdapterSlots:
 
 
 class LoraSlotStorage:
-    """Every LoRA slot is one row of a [slots, total] device tensor. In a row, each linear layer's A and
-    B sit rank-major ([R, in] and [R, out]), so an adapter of rank r fills a leading run of each; the layers
-    see their slots through views (`lora_a` [S, in, R], `lora_b` [S, R, out]). Filling a slot is one copy
-    of the adapter's packed host buffer to the device, then one batched device-side copy into place."""
+    """Per linear layer, its A and B stacks rank-major and contiguous: `[slots, R, in]` and `[slots, R, out]`,
+    so an adapter of rank r fills a leading `[r, in]` / `[r, out]` block of its slot, and all slots' A (or
+    B) read as one `[slots * R, in]` matrix. The layers see `lora_a` as a `[S, in, R]` view. Filling a slot
+    is one batched zeroing, one copy of the adapter's packed host buffer to the device, and one batched
+    device-side copy into place."""
 
     def __init__(
         self, model: LlamaModel, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        self.offsets: dict[tuple[int, str], tuple[int, int]] = {}  # (layer, module) -> A, B column offsets
-        total = 0
+        self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, module) -> A, B
+        largest = 0
         for layer_index, layer in enumerate(model.lora_linears()):
             for name, linear in layer.items():
-                a_size, b_size = max_rank * linear.in_features, max_rank * linear.out_features
-                self.offsets[(layer_index, name)] = (total, total + a_size)
-                total += a_size + b_size
-        self.storage = torch.zeros(num_slots, total, dtype=dtype, device=device)
-        self.staging = torch.empty(total, dtype=dtype, device=device) if device.type == "cuda" else None
-        for layer_index, layer in enumerate(model.lora_linears()):
-            for name, linear in layer.items():
-                a, b = self.offsets[(layer_index, name)]
-                rows_a = self.storage[:, a : a + max_rank * linear.in_features]
-                linear.lora_a = rows_a.view(num_slots, max_rank, linear.in_features).transpose(1, 2)
-                linear.lora_b = self.storage[:, b : b + max_rank * linear.out_features].view(
-                    num_slots, max_rank, linear.out_features
-                )
+                a = torch.zeros(num_slots, max_rank, linear.in_features, dtype=dtype, device=device)
+                b = torch.zeros(num_slots, max_rank, linear.out_features, dtype=dtype, device=device)
+                self.stacks[(layer_index, name)] = (a, b)
+                linear.lora_a, linear.lora_b = a.transpose(1, 2), b
+                largest += a[0].numel() + b[0].numel()
+        self.staging = torch.empty(largest, dtype=dtype, device=device) if device.type == "cuda" else None
 
     def fill(self, slot: int, weights: LoraWeights) -> None:
-        row = self.storage[slot]
-        row.zero_()
+        torch._foreach_zero_([stack[slot] for pair in self.stacks.values() for stack in pair])
         source = weights.flat
         if self.staging is not None:  # one host-to-device copy, from page-locked memory when it is
             source = self.staging[: source.numel()]
             source.copy_(weights.flat, non_blocking=True)
         targets, parts = [], []
         for key, a_offset, b_offset in weights.entries:
-            a_size, b_size = weights.a[key].numel(), weights.b[key].numel()
-            row_a, row_b = self.offsets[key]
-            targets += [row[row_a : row_a + a_size], row[row_b : row_b + b_size]]
-            parts += [source[a_offset : a_offset + a_size], source[b_offset : b_offset + b_size]]
+            (rank, in_features), out_features = weights.a[key].shape, weights.b[key].shape[0]
+            a, b = self.stacks[key]
+            targets += [a[slot, :rank], b[slot, :rank]]
+            parts += [
+                source[a_offset : a_offset + rank * in_features].view(rank, in_features),
+                source[b_offset : b_offset + rank * out_features].view(rank, out_features),
+            ]
         torch._foreach_copy_(targets, parts)

@@ -6,7 +6,7 @@ The engine builds one `ForwardBatch` per step. Rows are sequences, padded to the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ class LoraBatch:
     rank: int  # largest rank among the rows' adapters, 0 when no row has a LoRA
     shared_slot: int | None = None  # the slot of every row, when all rows use the same adapter
     slot_span: int = 0  # 1 + the highest slot any row uses; 0 when unknown (then: every slot)
+    # What the LoRA op derives from `slots` once per forward and reuses in every layer (cleared by the model).
+    cache: dict[Any, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -43,7 +45,7 @@ class ForwardBatch:
         moved: dict[str, Any] = {
             name: _to(value, device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)
         }
-        lora = dataclasses.replace(self.lora, slots=_to(self.lora.slots, device))
+        lora = dataclasses.replace(self.lora, slots=_to(self.lora.slots, device), cache={})
         return dataclasses.replace(self, lora=lora, **moved)
 
 

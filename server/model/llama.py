@@ -150,6 +150,9 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Logits of each row's last real token: [B, vocab]."""
+        # What the LoRA op derives from the slots is made anew in every forward (a CUDA graph replays
+        # that work on its static slot tensor, which changes between replays).
+        batch.lora.cache.clear()
         x = self.embed(batch)
         rope = self.rotary_emb(x, batch.positions)
         for i, layer in enumerate(self.layers):

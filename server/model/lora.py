@@ -6,9 +6,10 @@ Zero padding makes every rank fit one shape: the padded columns contribute exact
 
 Kernel choice for mixed batches (rows with different adapters), read once from the environment at import:
 `ADAPTERD_LORA_KERNEL=auto` (the default; `triton` means the same) runs the Triton BGMV/SGMV kernels of
-`triton_lora` when x is on CUDA in fp16/bf16/fp32 and Triton is installed, else `bgmv_reference`;
-`ADAPTERD_LORA_KERNEL=torch` always runs `bgmv_reference` (the kill switch, should the kernels misbehave on
-some GPU). `KERNEL` holds the value ("auto" or "torch"); tests may reassign it.
+`triton_lora` when x is on CUDA in fp16/bf16/fp32 and Triton is installed, else plain torch ops
+(`lora_over_slots` for decode rows over few slots, else `bgmv_reference`); `ADAPTERD_LORA_KERNEL=torch`
+always runs the torch ops (the kill switch, should the kernels misbehave on some GPU). `KERNEL` holds the
+value ("auto" or "torch"); tests may reassign it.
 """
 
 from __future__ import annotations
@@ -45,17 +46,26 @@ def bgmv_reference(
     return delta * has_adapter.to(delta.dtype)[:, None, None]
 
 
-def lora_over_slots(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, rank: int
-) -> torch.Tensor:
-    """`bgmv_reference` for decode rows (T = 1) without gathering: every row times every slot's A (one
-    batched matmul reading each slot once), other slots' products zeroed, then times every slot's B and
-    summed over slots. Costs slots/rows times the reference's arithmetic but copies no weights, so it
-    wins while the slots in use are not many more than the rows. a, b: the slots in use, [S', in, R], [S', R, out]."""
-    shrunk = torch.matmul(x[:, 0], a[:, :, :rank])  # [S', B, rank]
-    own = slots[None, :] == torch.arange(a.shape[0], device=slots.device)[:, None]  # [S', B]
-    delta = torch.bmm(shrunk * own[:, :, None].to(shrunk.dtype), b[:, :rank, :])  # [S', B, out]
-    return delta.sum(0)[:, None, :]
+def lora_over_slots(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+    """`bgmv_reference` for decode rows (T = 1) without gathering: every row times all slots' A as one
+    `[S'*R, in]` matrix (each slot read once, no copies), the other slots' columns zeroed, then times all
+    slots' B as one `[S'*R, out]` matrix: two GEMMs. Costs slots/rows times the reference's arithmetic, so
+    it is for slots in use not many more than the rows. a, b: the slots in use, [S', in, R], [S', R, out]
+    (rank-major storage makes the flattening free; other layouts are copied)."""
+    span, in_features, max_rank = a.shape
+    a_all = a.transpose(1, 2).reshape(span * max_rank, in_features)
+    b_all = b.reshape(span * max_rank, b.shape[2])
+    shrunk = x[:, 0] @ a_all.t()  # [B, S'*R]
+    return ((shrunk * own_columns(lora, span, max_rank, shrunk.dtype)) @ b_all)[:, None, :]
+
+
+def own_columns(lora: LoraBatch, span: int, max_rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, span*R]: 1 in each row's own slot's R columns, else 0; made once per step and dtype."""
+    key = ("own_columns", span, max_rank, dtype)
+    if key not in lora.cache:
+        own = lora.slots[:, None] == torch.arange(span, device=lora.slots.device)[None, :]  # [B, span]
+        lora.cache[key] = own.to(dtype).repeat_interleave(max_rank, dim=1)
+    return lora.cache[key]
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
@@ -67,7 +77,7 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatc
         return bgmv_triton(x, a, b, lora.slots, lora.rank)
     span = lora.slot_span or a.shape[0]
     if x.shape[1] == 1 and span <= 2 * x.shape[0]:
-        return lora_over_slots(x, a[:span], b[:span], lora.slots, lora.rank)
+        return lora_over_slots(x, a[:span], b[:span], lora)
     return bgmv_reference(x, a, b, lora.slots, lora.rank)
 
 

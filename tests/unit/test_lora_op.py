@@ -162,22 +162,33 @@ def test_one_adapter_for_every_row_takes_the_plain_matmul_path_with_the_same_res
         )
 
 
-@pytest.mark.parametrize("slots", [[0, 1, 2, -1], [2, 2, 0], [-1, -1], [1]])
-@pytest.mark.parametrize("rank", [4, MAX_RANK])
-def test_decode_over_slots_equals_the_gather(slots: list[int], rank: int) -> None:
-    """lora_over_slots (no weight copies; decode rows) computes bgmv_reference's delta, slots in use only."""
+@pytest.mark.parametrize("slots", [[0, 1, 2, -1], [2, 2, 0], [-1, -1], [1], [0, 0, -1]])
+def test_decode_over_slots_equals_the_gather(slots: list[int]) -> None:
+    """lora_over_slots (decode rows, no weight copies, slots in use only, all R columns: the padded ones are
+    zero) computes bgmv_reference's delta at the batch's rank, the largest of its rows' adapters. make_layer's
+    stacks are in-major, so this also checks the copying fallback."""
     from adapterd.server.model.lora import lora_over_slots
 
+    adapters = three_ranks(torch.float64)
     layer = make_layer(torch.float64)
-    fill(layer, three_ranks(torch.float64))
+    fill(layer, adapters)
     assert layer.lora_a is not None and layer.lora_b is not None
     x = torch.randn(len(slots), 1, IN, dtype=torch.float64)
     index = torch.tensor(slots)
-    expected = bgmv_reference(x, layer.lora_a, layer.lora_b, index, rank)
+    rank = max((adapters[s].a.shape[0] for s in slots if s >= 0), default=0)
+    expected = per_row_reference(x, slots, adapters)
+    torch.testing.assert_close(bgmv_reference(x, layer.lora_a, layer.lora_b, index, rank), expected)
     span = max(slots) + 1
-    got = lora_over_slots(x, layer.lora_a[:span], layer.lora_b[:span], index, rank)
-    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
     batch = LoraBatch(index, rank, slot_span=span)
-    torch.testing.assert_close(
-        lora_delta(x, layer.lora_a, layer.lora_b, batch), expected, **TOLERANCES[torch.float64]
-    )
+    got = lora_over_slots(x, layer.lora_a[:span], layer.lora_b[:span], batch)
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
+    if rank:  # the engine's rank-0 batches skip LoRA before lora_delta
+        delta = lora_delta(x, layer.lora_a, layer.lora_b, batch)
+        torch.testing.assert_close(delta, expected, **TOLERANCES[torch.float64])
+
+
+def test_rank_major_stacks_flatten_without_copies() -> None:
+    """The engine's slot stacks (adapter_slots.py) are rank-major, so lora_over_slots reads them in place."""
+    a = torch.zeros(4, MAX_RANK, IN).transpose(1, 2)  # [S, in, R] as the layers see it
+    assert a.transpose(1, 2).reshape(-1, IN).data_ptr() == a.data_ptr()
+    assert a.transpose(1, 2).reshape(-1, IN)._base is not None  # a view
