@@ -4,8 +4,9 @@ AsyncGrpcClient. Each method builds a call with the client's codec (HTTP or gRPC
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from adapterd.clients._core import Call, StreamCall, endpoint, stream_endpoint
 from adapterd.clients.types import Adapter, Generation, Messages, Sampling, Token
@@ -26,7 +27,9 @@ class ServerCodec(Protocol):
     def chat(self, messages: Messages, adapter_id: str | None, sampling: Sampling) -> Call[Generation]: ...
     def list_adapters(self) -> Call[list[Adapter]]: ...
     def get_adapter(self, adapter_id: str) -> Call[Adapter]: ...
-    def upload_adapter(self, adapter_id: str, path: str | Path) -> Call[Adapter]: ...
+    def upload_adapter(
+        self, adapter_id: str, path: str | Path, metadata: Mapping[str, Any] | None
+    ) -> Call[Adapter]: ...
     def delete_adapter(self, adapter_id: str) -> Call[None]: ...
 
 
@@ -70,10 +73,13 @@ class ServerApi:
         return self._codec.get_adapter(adapter_id)
 
     @endpoint
-    def upload_adapter(self, adapter_id: str, path: str | Path) -> Call[Adapter]:
+    def upload_adapter(
+        self, adapter_id: str, path: str | Path, metadata: Mapping[str, Any] | None = None
+    ) -> Call[Adapter]:
         """Upload the PEFT adapter directory `path` (adapter_config.json + adapter_model.safetensors) as
-        `adapter_id`, or as its next version. Servable as soon as this returns."""
-        return self._codec.upload_adapter(adapter_id, path)
+        `adapter_id`, or as its next version, with optional `metadata` (a JSON object, kept with the
+        version and shown in its description). Servable as soon as this returns."""
+        return self._codec.upload_adapter(adapter_id, path, metadata)
 
     @endpoint
     def delete_adapter(self, adapter_id: str) -> Call[None]:

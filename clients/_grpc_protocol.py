@@ -3,7 +3,7 @@ and answer parsing for GrpcClient and AsyncGrpcClient."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,10 +77,15 @@ class StreamReader:
         return [Token(held.id, held.text, generation(message.done))]
 
 
-def upload_messages(adapter_id: str, path: str | Path) -> Iterator[adapters_pb2.UploadAdapterRequest]:
-    """A header with adapter_config.json, then the weights in chunks, read as the upload proceeds."""
+def upload_messages(
+    adapter_id: str, path: str | Path, metadata: Mapping[str, Any] | None = None
+) -> Iterator[adapters_pb2.UploadAdapterRequest]:
+    """A header with adapter_config.json (and the metadata), then the weights in chunks, read as the upload
+    proceeds."""
     config, weights = adapter_files(path)  # before anything is sent: a missing file fails at once
     header = adapters_pb2.UploadHeader(id=adapter_id, adapter_config=config.read_bytes())
+    if metadata is not None:
+        header.metadata.update(dict(metadata))
 
     def messages() -> Iterator[adapters_pb2.UploadAdapterRequest]:
         yield adapters_pb2.UploadAdapterRequest(header=header)
@@ -115,10 +120,11 @@ class GrpcServerCodec:
         request = GrpcRequest("Adapters", "GetAdapter", adapters_pb2.GetAdapterRequest(id=adapter_id))
         return Call(request, adapter, idempotent=True)
 
-    def upload_adapter(self, adapter_id: str, path: str | Path) -> Call[Adapter]:
-        request = GrpcRequest(
-            "Adapters", "UploadAdapter", upload_messages(adapter_id, path), has_deadline=False
-        )
+    def upload_adapter(
+        self, adapter_id: str, path: str | Path, metadata: Mapping[str, Any] | None
+    ) -> Call[Adapter]:
+        messages = upload_messages(adapter_id, path, metadata)
+        request = GrpcRequest("Adapters", "UploadAdapter", messages, has_deadline=False)
         return Call(request, lambda answer: adapter(answer.adapter))
 
     def delete_adapter(self, adapter_id: str) -> Call[None]:

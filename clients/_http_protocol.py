@@ -5,6 +5,7 @@ route; adapters use /v1/adapters."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,13 +192,17 @@ class HttpServerCodec:
     def get_adapter(self, adapter_id: str) -> Call[Adapter]:
         return Call(HttpRequest("GET", adapter_path(adapter_id)), Adapter.from_dict, idempotent=True)
 
-    def upload_adapter(self, adapter_id: str, path: str | Path) -> Call[Adapter]:
+    def upload_adapter(
+        self, adapter_id: str, path: str | Path, metadata: Mapping[str, Any] | None
+    ) -> Call[Adapter]:
         config, weights = adapter_files(path)
         files = (
             FilePart(CONFIG_FILE, CONFIG_FILE, config, "application/json"),
             FilePart(WEIGHTS_FILE, WEIGHTS_FILE, weights),
         )
-        return Call(HttpRequest("PUT", adapter_path(adapter_id), files=files), Adapter.from_dict)
+        form = {} if metadata is None else {"metadata": json.dumps(dict(metadata))}
+        request = HttpRequest("PUT", adapter_path(adapter_id), form=form, files=files)
+        return Call(request, Adapter.from_dict)
 
     def delete_adapter(self, adapter_id: str) -> Call[None]:
         return Call(HttpRequest("DELETE", adapter_path(adapter_id)), lambda _: None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def add_client_commands(commands: Any) -> None:
     upload.add_argument(
         "path", type=Path, help="directory with adapter_config.json and adapter_model.safetensors"
     )
+    upload.add_argument("--metadata", type=json_object, help="a JSON object kept with the adapter version")
     upload.set_defaults(handler=adapters_upload)
     delete = actions.add_parser("delete", parents=[SERVER_OPTIONS], help="delete an adapter")
     delete.add_argument("adapter_id")
@@ -122,9 +124,19 @@ def adapters_show(args: argparse.Namespace) -> int:
     return emit(args, adapter, key_values(dataclasses.asdict(adapter)))
 
 
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def adapters_upload(args: argparse.Namespace) -> int:
     with server_client(args) as client:
-        adapter = client.upload_adapter(args.adapter_id, args.path)
+        adapter = client.upload_adapter(args.adapter_id, args.path, args.metadata)
     shape, size = adapter_shape(adapter), human_bytes(adapter.size_bytes)
     text = f"uploaded {adapter.id}: version {adapter.version}, {adapter.type} {shape}, {size}, sha256 {adapter.sha256[:12]}"
     return emit(args, adapter, text)

@@ -81,7 +81,15 @@ def uploaded(server: Server, adapter_dirs: dict[str, Path]) -> dict[str, str]:
     return {
         "lora": succeeds("adapters", "upload", "lora", str(adapter_dirs["lora"]), "--url", server.url),
         "soft": succeeds(
-            "adapters", "upload", "soft", str(adapter_dirs["soft"]), "--url", server.url, "--json"
+            "adapters",
+            "upload",
+            "soft",
+            str(adapter_dirs["soft"]),
+            "--url",
+            server.url,
+            "--json",
+            "--metadata",
+            '{"team": "support"}',
         ),
     }
 
@@ -109,6 +117,9 @@ def test_upload_prints_a_summary_or_the_description(server: Server, uploaded: di
         4,
         1,
     )
+    assert soft["metadata"] == {"team": "support"}
+    usage = adapterd("adapters", "upload", "x", "dir", "--metadata", "[1]", "--url", server.url)
+    assert usage.returncode == 2 and "must be a JSON object" in usage.stderr
 
 
 def test_list_is_a_table_or_json(server: Server, uploaded: dict[str, str]):

@@ -288,13 +288,19 @@ def test_upload_replace_list_get_and_delete(
     assert set(first.target_modules) >= {"q_proj", "v_proj", "down_proj"}
     assert first.base_model == model_dir.name and first.created_at.endswith("Z")
 
-    second = call(kind, server, "upload_adapter", adapter_id, str(adapter_dirs["soft"]))
+    assert first.metadata == {}
+    metadata = {"team": "support", "tags": ["a", "b"], "eval": {"exact_match": 0.5}}
+    second = call(kind, server, "upload_adapter", adapter_id, str(adapter_dirs["soft"]), metadata=metadata)
     assert (second.type, second.num_virtual_tokens, second.rank, second.version) == (
         "prompt_tuning",
         4,
         None,
         2,
     )
+    assert second.metadata == metadata == call(kind, server, "get_adapter", adapter_id).metadata
+    with raises(InvalidRequest, "metadata"):  # not JSON-serialisable as an object: refused, nothing stored
+        call(kind, server, "upload_adapter", adapter_id, adapter_dirs["lora"], metadata={"x": float("nan")})
+    assert call(kind, server, "get_adapter", adapter_id).version == 2
     assert adapter_id in [a.id for a in call(kind, server, "list_adapters")]
     assert call(kind, server, "get_adapter", adapter_id).sha256 == second.sha256
     assert call(kind, server, "generate", PROMPT, adapter_id, max_new_tokens=2).generated_tokens == 2
