@@ -31,6 +31,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
+from adapterd.clients import PermissionDenied, TrainerClient, Unauthorized
 from adapterd.server.model.resolve import ResolvedModel
 from adapterd.server.trainer.jobs import INTERRUPTED
 from adapterd.v1 import generation_pb2, generation_pb2_grpc, training_pb2, training_pb2_grpc
@@ -575,6 +576,11 @@ def test_keys_on_the_server_and_on_the_trainer(
         with pytest.raises(grpc.RpcError) as caught:
             trainer.training.ListJobs(training_pb2.ListJobsRequest())
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The Python clients raise the same typed errors (ADAPTERD_API_KEY is unset in this process).
+        with TrainerClient(trainer.url) as anonymous, pytest.raises(Unauthorized):
+            anonymous.list()
+        with TrainerClient(trainer.url, api_key="userkey") as user, pytest.raises(PermissionDenied):
+            user.submit(config, [plain(d) for d in TRAIN[:20]])
         response = submit_http(trainer, config, data, eval_data, key="adminkey")
         assert response.status_code == 202
         wait_until(lambda: get_job(trainer, response.json()["id"], "adminkey")["status"] in ENDED, 180)
