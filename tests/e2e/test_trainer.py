@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from tests.e2e import serving
 from tests.reference import make_lora_adapter
 
 TRAINER = (serving.ADAPTERD,)  # `adapterd trainer`
-EVAL = (sys.executable, "-m", "adapterd.server.trainer.cli", "eval")  # `adapterd eval`, not wired yet
+EVAL = (serving.ADAPTERD, "eval")  # `adapterd eval`
 ENDED = ("succeeded", "failed", "cancelled")
 NUM_TRAIN, NUM_EVAL = 400, 40
 LORA = {"adapter_id": "ledger-lora", "method": "lora", "max_steps": 24}
