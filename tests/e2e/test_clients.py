@@ -494,26 +494,32 @@ def python_blocks(markdown: str) -> list[str]:
     return [block.split("```", 1)[0] for block in markdown.split("```python\n")[1:]]
 
 
+def run_blocks(blocks: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> str:
+    """Run Python blocks one after the other in a fresh interpreter, each as __main__; their stdout."""
+    ran = subprocess.run(
+        [sys.executable, "-c", RUN_BLOCKS],
+        input="\0".join(blocks),
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout
+
+
 def test_the_docs_python_examples_run(server: Server, adapter_dirs: dict[str, Path], tmp_path: Path):
     """Every Python example of docs/clients.md, in order, with ./my-lora a LoRA directory (the trainer's
-    example needs `adapterd trainer` and is left out)."""
+    examples run against `adapterd trainer` in test_trainer_clients.py)."""
     blocks = [b for b in python_blocks(DOCS.read_text()) if "TrainerClient" not in b]
     assert len(blocks) >= 6
     shutil.copytree(adapter_dirs["lora"], tmp_path / "my-lora")
-    environment = {**os.environ, "ADAPTERD_URL": server.url, "ADAPTERD_GRPC_TARGET": server.grpc_target}
+    environment = {"ADAPTERD_URL": server.url, "ADAPTERD_GRPC_TARGET": server.grpc_target}
     try:
-        ran = subprocess.run(
-            [sys.executable, "-c", RUN_BLOCKS],
-            input="\0".join(blocks),
-            cwd=tmp_path,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert ran.returncode == 0, ran.stderr
-        assert "not found: adapter 'no-such-adapter' is not registered NOT_FOUND" in ran.stdout
-        assert "refused: temperature must be >= 0" in ran.stdout
+        stdout = run_blocks(blocks, tmp_path, environment)
+        assert "not found: adapter 'no-such-adapter' is not registered NOT_FOUND" in stdout
+        assert "refused: temperature must be >= 0" in stdout
     finally:
         with Client(server.url) as client, suppress(AdapterNotFound):
             client.delete_adapter("my-lora")

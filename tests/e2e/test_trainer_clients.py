@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ from adapterd.clients import (
 from adapterd.server.model.resolve import ResolvedModel
 from tests.e2e import serving
 from tests.e2e.test_client_cli import adapterd, fails, succeeds, table
-from tests.e2e.test_clients import DOCS, RUN_BLOCKS, python_blocks
+from tests.e2e.test_clients import DOCS, python_blocks, run_blocks
 from tests.e2e.test_trainer import FOREVER, HELD_OUT, TRAIN, Trainer, jsonl, plain, running_trainer
 
 STEPS = 3
@@ -209,17 +206,7 @@ def test_the_docs_trainer_examples_run(server: serving.Server, trainer: Trainer,
     blocks = [b for b in python_blocks(DOCS.read_text()) if "TrainerClient" in b]
     assert len(blocks) == 2
     (tmp_path / "train.jsonl").write_bytes(jsonl(TRAIN_RECORDS))
-    environment = {**os.environ, "ADAPTERD_URL": server.url, "ADAPTERD_TRAINER_URL": trainer.url}
-    ran = subprocess.run(
-        [sys.executable, "-c", RUN_BLOCKS],
-        input="\0".join(blocks),
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ran.returncode == 0, ran.stderr
-    lines = ran.stdout.splitlines()
+    environment = {"ADAPTERD_URL": server.url, "ADAPTERD_TRAINER_URL": trainer.url}
+    lines = run_blocks(blocks, tmp_path, environment, timeout=300).splitlines()
     assert any(line.startswith("succeeded {'base': {") for line in lines) and lines[-2].startswith("base ")
     assert lines[-1].startswith("support-bot ")
