@@ -117,7 +117,11 @@ class DecodeGraphs:
         if entry is None:
             entry = self.graphs[key] = _Graph(padded.to(self.device))
             if self.capture:
-                self._capture(entry)
+                try:
+                    self._capture(entry)
+                except RuntimeError:  # run this bucket eagerly from its static inputs from now on
+                    log.exception("capturing a decode graph failed; that batch shape runs eagerly")
+                    entry.graph, entry.output = None, None
         else:
             _copy_into(entry.inputs, padded)
         if entry.graph is None:
@@ -135,7 +139,8 @@ class DecodeGraphs:
                 self.forward(entry.inputs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: other threads (the registry pinning host memory for an adapter) may call CUDA meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             entry.output = self.forward(entry.inputs)
         entry.graph = graph
         log.info("captured a decode graph: %d rows, %d keys", *entry.inputs.read_slots.shape)
