@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from adapterd.adapters.format import (
+    AdapterSpec,
     AdapterValidationError,
     BaseModelInfo,
     InvalidAdapterId,
-    read_adapter,
     read_adapter_tensors,
     validate_adapter_id,
 )
@@ -34,10 +34,7 @@ def load_adapter(
 ) -> LoadedAdapter:
     """Validate a stored PEFT directory again (the store may have been edited) and keep the tensors that
     validation read in host memory (one read of the file), page-locked with `pin_memory` (a GPU engine)."""
-    try:
-        spec, tensors = read_adapter_tensors(record.path, base, max_rank)
-    except AdapterValidationError as exc:
-        raise InvalidAdapter(str(exc)) from exc
+    spec, tensors = _validated(record.path, base, max_rank)
     if spec.kind == "lora":
         return LoadedAdapter(
             record.id, spec, lora=lora_weights(spec, tensors, dtype, pin_memory), version=record.version
@@ -47,9 +44,10 @@ def load_adapter(
     )
 
 
-def _validated(path: Path, base: BaseModelInfo, max_rank: int) -> Any:
+def _validated(path: Path, base: BaseModelInfo, max_rank: int) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """The adapter's spec and the tensors validation read; its problems as one InvalidAdapter."""
     try:
-        return read_adapter(path, base, max_rank)
+        return read_adapter_tensors(path, base, max_rank)
     except AdapterValidationError as exc:
         raise InvalidAdapter(str(exc)) from exc
 
@@ -89,7 +87,7 @@ class AdapterRegistry:
     ) -> tuple[AdapterRecord, bool]:
         """Validate a staged PEFT directory and publish it as the id's new version."""
         checked_id(adapter_id)
-        spec = _validated(staged_dir, self.base, self.max_rank)
+        spec, _ = _validated(staged_dir, self.base, self.max_rank)
         record, replaced = self.store.publish(adapter_id, staged_dir, spec, self.base.name, metadata)
         with self._lock:
             self._records[adapter_id] = record

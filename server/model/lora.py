@@ -89,23 +89,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features = in_features
         self.out_features = out_features
-        self.lora_a: torch.Tensor | None = None  # [S, in, R] once allocated
+        # Views of the engine's slot stacks (engine/adapter_slots.py), set when the engine starts.
+        self.lora_a: torch.Tensor | None = None  # [S, in, R]
         self.lora_b: torch.Tensor | None = None  # [S, R, out]
-
-    def allocate_slots(self, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.lora_a = torch.zeros(num_slots, self.in_features, max_rank, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(num_slots, max_rank, self.out_features, dtype=dtype, device=device)
-
-    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Copy one adapter's A [r, in] and scaled B [out, r] into `slot`; None clears it."""
-        assert self.lora_a is not None and self.lora_b is not None
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        if a is None or b is None:
-            return
-        rank = a.shape[0]
-        self.lora_a[slot, :, :rank].copy_(a.t())
-        self.lora_b[slot, :rank, :].copy_(b.t())
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         y = self.base(x)

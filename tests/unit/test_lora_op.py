@@ -27,16 +27,29 @@ class Adapter:
 
 
 def make_layer(dtype: torch.dtype) -> LoRALinear:
+    """A LoRALinear with its own zeroed, in-major slot stacks (the engine's are rank-major views)."""
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT, dtype=dtype)
     layer = LoRALinear(base, IN, OUT)
-    layer.allocate_slots(NUM_SLOTS, MAX_RANK, dtype, torch.device("cpu"))
+    layer.lora_a = torch.zeros(NUM_SLOTS, IN, MAX_RANK, dtype=dtype)
+    layer.lora_b = torch.zeros(NUM_SLOTS, MAX_RANK, OUT, dtype=dtype)
     return layer
+
+
+def set_slot(layer: LoRALinear, slot: int, adapter: Adapter | None) -> None:
+    """Put an adapter's A and scaled B into `slot`, zero-padded to MAX_RANK; None clears the slot."""
+    assert layer.lora_a is not None and layer.lora_b is not None
+    layer.lora_a[slot].zero_()
+    layer.lora_b[slot].zero_()
+    if adapter is not None:
+        rank = adapter.a.shape[0]
+        layer.lora_a[slot, :, :rank] = adapter.a.t()
+        layer.lora_b[slot, :rank, :] = (adapter.b * adapter.scaling).t()
 
 
 def fill(layer: LoRALinear, adapters: dict[int, Adapter]) -> None:
     for slot, adapter in adapters.items():
-        layer.set_slot(slot, adapter.a, adapter.b * adapter.scaling)
+        set_slot(layer, slot, adapter)
 
 
 def per_row_reference(x: torch.Tensor, slots: list[int], adapters: dict[int, Adapter]) -> torch.Tensor:
@@ -126,7 +139,7 @@ def test_forward_without_allocated_slots_is_exactly_the_base_output() -> None:
 def test_clearing_a_slot_leaves_the_others() -> None:
     layer, adapters = make_layer(torch.float64), three_ranks(torch.float64)
     fill(layer, adapters)
-    layer.set_slot(1, None, None)
+    set_slot(layer, 1, None)
     slots = [0, 1, 2]
     x = torch.randn(len(slots), 2, IN, dtype=torch.float64)
     y = layer(x, LoraBatch(torch.tensor(slots), MAX_RANK))
