@@ -17,7 +17,6 @@ run eagerly. `capture=False` runs the same padded static path eagerly (how CPU t
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,7 +122,7 @@ class DecodeGraphs:
                     log.exception("capturing a decode graph failed; that batch shape runs eagerly")
                     entry.graph, entry.output = None, None
         else:
-            _copy_into(entry.inputs, padded)
+            entry.inputs.copy_(padded)
         if entry.graph is None:
             return self.forward(entry.inputs)[:real]
         entry.graph.replay()
@@ -144,14 +143,3 @@ class DecodeGraphs:
             entry.output = self.forward(entry.inputs)
         entry.graph = graph
         log.info("captured a decode graph: %d rows, %d keys", *entry.inputs.read_slots.shape)
-
-
-def _copy_into(static: ForwardBatch, host: ForwardBatch) -> None:
-    """Copy a padded host batch into a graph's static device tensors, without blocking the host."""
-    for field in dataclasses.fields(ForwardBatch):
-        target, source = getattr(static, field.name), getattr(host, field.name)
-        if isinstance(target, torch.Tensor):
-            target.copy_(source.pin_memory() if target.is_cuda else source, non_blocking=True)
-    static.lora.slots.copy_(
-        host.lora.slots.pin_memory() if static.lora.slots.is_cuda else host.lora.slots, non_blocking=True
-    )

@@ -38,16 +38,30 @@ class ForwardBatch:
     prompt_lengths: torch.Tensor  # [B] long; virtual tokens of each row's soft prompt, 0 for none
     has_soft_prompts: bool  # whether any row has a soft prompt (known on the host, so no sync to ask)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the batch by field name, the LoRA slots as "lora.slots"."""
+        found = {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        return {**found, "lora.slots": self.lora.slots}
+
     def to(self, device: torch.device) -> ForwardBatch:
         """This batch on `device`: host tensors go through pinned memory, copied without blocking."""
         if device.type == "cpu":
             return self
         moved: dict[str, Any] = {
-            name: _to(value, device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)
+            name: _pinned(tensor, device).to(device, non_blocking=True)
+            for name, tensor in self.tensors().items()
         }
-        lora = dataclasses.replace(self.lora, slots=_to(self.lora.slots, device), cache={})
+        lora = dataclasses.replace(self.lora, slots=moved.pop("lora.slots"), cache={})
         return dataclasses.replace(self, lora=lora, **moved)
 
+    def copy_(self, host: ForwardBatch) -> None:
+        """Copy a host batch of the same shapes into this batch's tensors in place (a CUDA graph's static
+        inputs), without blocking."""
+        sources = host.tensors()
+        for name, target in self.tensors().items():
+            target.copy_(_pinned(sources[name], target.device), non_blocking=True)
 
-def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+def _pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor to copy to `device`: page-locked for a GPU, so the copy need not block."""
+    return tensor.pin_memory() if device.type == "cuda" else tensor
