@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file
@@ -19,6 +19,7 @@ from torch import nn
 from adapterd.adapters.format import decoder_linear_shapes
 from adapterd.server.model.llama import LINEAR_MODULES, LlamaModel
 from adapterd.server.model.lora import LoRALinear
+from adapterd.server.model.packed_linear import cpu_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 RealQuantize = str  # "nf4" | "int8" | "none"
@@ -92,7 +93,8 @@ def _layer_linears(
 
 
 def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, placement: Placement) -> nn.Module:
-    """A frozen linear layer holding `weight` [out, in] as the placement asks (quantized on the way)."""
+    """A frozen linear layer holding `weight` [out, in] as the placement asks (quantized on the way; on the CPU
+    in fp32, packed for oneDNN)."""
     fan_out, fan_in = weight.shape
     weight = weight.to(placement.dtype)
     if placement.quantize == "none":
@@ -100,7 +102,8 @@ def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, placement:
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
             linear.bias = nn.Parameter(bias.to(placement.dtype), requires_grad=False)
-        return linear.to(placement.device)
+        linear = linear.to(placement.device)
+        return cpu_linear(linear.weight, linear.bias) or linear
     import bitsandbytes as bnb
 
     module: nn.Module
@@ -151,3 +154,5 @@ def _load_dense(
             nn.Parameter(state[name].to(placement.dtype).to(placement.device), requires_grad=False),
         )
     model.rotary_emb = type(model.rotary_emb)(config=config).to(placement.device)
+    # The head gets oneDNN's own copy of its weight (a tied embedding keeps the original for lookups).
+    model.lm_head = cpu_linear(cast(torch.Tensor, model.lm_head.weight), None) or model.lm_head
