@@ -17,12 +17,13 @@ from .format import PROMPT_KEY, WEIGHTS_FILE, AdapterSpec, parse_lora_key
 
 @dataclass
 class LoraWeights:
-    """One adapter's LoRA, packed: every A [r, in] and scaled, transposed B [r, out] lie one after the other
-    in `flat`, so the whole adapter moves to a device slot in one copy. `a` and `b` are views into it."""
+    """One adapter's LoRA, packed: every transposed A [in, r] and scaled, transposed B [r, out] lie one after
+    the other in `flat`, in the layout of the device slots (engine/adapter_slots.py), so the whole adapter
+    moves to a slot in one copy. `a` and `b` are views into it."""
 
     spec: AdapterSpec
-    flat: torch.Tensor  # 1-D: for each entry, A then B^T
-    entries: list[tuple[tuple[int, str], int, int]]  # ((layer, module), offset of A, offset of B^T) in flat
+    flat: torch.Tensor  # 1-D: for each entry, A^T then B^T
+    entries: list[tuple[tuple[int, str], int, int]]  # ((layer, module), offset of A^T, offset of B^T) in flat
     a: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> lora_A [r, in_features]
     b: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> lora_B * scaling [out_features, r]
 
@@ -53,13 +54,13 @@ def lora_weights(
     for key in keys:
         lora_a, lora_b = pairs[key]["A"], pairs[key]["B"]  # [r, in], [out, r]
         (rank, in_features), out_features = lora_a.shape, lora_b.shape[0]
-        a = flat[offset : offset + rank * in_features].view(rank, in_features)
-        b_t = flat[offset + a.numel() : offset + a.numel() + rank * out_features].view(rank, out_features)
-        a.copy_(lora_a)
+        a_t = flat[offset : offset + rank * in_features].view(in_features, rank)
+        b_t = flat[offset + a_t.numel() : offset + a_t.numel() + rank * out_features].view(rank, out_features)
+        a_t.copy_(lora_a.t())
         b_t.copy_(_scaled(lora_b, spec.scaling).t())
-        weights.entries.append((key, offset, offset + a.numel()))
-        weights.a[key], weights.b[key] = a, b_t.t()
-        offset += a.numel() + b_t.numel()
+        weights.entries.append((key, offset, offset + a_t.numel()))
+        weights.a[key], weights.b[key] = a_t.t(), b_t.t()
+        offset += a_t.numel() + b_t.numel()
     return weights
 
 

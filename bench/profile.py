@@ -5,9 +5,8 @@ Drives the engine by hand (its thread stopped) on the default model with a decod
 2. the forward split by module, from forward hooks (base linears, the LoRA delta, attention without its
    linears, MLP without its linears, norms, LM head, the rest),
 3. the top aten ops (torch.profiler, self CPU time),
-4. the LoRA op alone per call on layer 0's shapes: the gather (`bgmv_reference`), the whole layer, the
-   decode op the engine uses on the CPU (`lora_over_slots`), and one untried alternative (base and LoRA
-   shrink fused in one GEMM).
+4. the LoRA op alone per call on layer 0's shapes: the base linear, the gather (`bgmv_reference`), the
+   decode op the engine uses on the CPU (`bgmv_embedding_bag`), and the whole layer.
 Writes JSON to --out (default bench/profile-<kind>.json).
 """
 
@@ -32,7 +31,7 @@ from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.sampler import sample
 from adapterd.server.model.batch import LoraBatch
 from adapterd.server.model.llama import DecoderLayer, LlamaModel
-from adapterd.server.model.lora import LoRALinear, bgmv_reference, lora_over_slots, own_columns
+from adapterd.server.model.lora import LoRALinear, bgmv_embedding_bag, bgmv_reference
 from adapterd.server.protocol import SamplingParams
 
 from .adapters import lora_state, save_lora
@@ -314,30 +313,17 @@ def _lora_variants(linear: LoRALinear, batch: int, num_slots_used: int) -> dict[
     assert a is not None and b is not None
     x = torch.randn(batch, 1, linear.in_features, dtype=a.dtype)
     slots = torch.arange(batch) % max(num_slots_used, 1)
-    num_slots, rank = a.shape[0], a.shape[2]
-    lora = LoraBatch(slots, rank)
-    a_all = a.transpose(1, 2).reshape(num_slots * rank, -1)  # [S*R, in], a view of the rank-major stacks
-    own = own_columns(lora, num_slots, rank, a.dtype)  # [B, S*R]
-    weight = cast(torch.Tensor, linear.base.weight)
-    fused = torch.cat([weight, a_all], dim=0)  # [out + S*R, in]: base and LoRA shrink in one GEMM
-    out_features = weight.shape[0]
-    reference = bgmv_reference(x, a, b, slots, rank)[:, 0]
-
-    def fused_with_base() -> torch.Tensor:
-        both = x[:, 0] @ fused.t()  # [B, out + S*R]
-        return torch.addmm(
-            both[:, :out_features], both[:, out_features:] * own, b.reshape(num_slots * rank, -1)
-        )
-
+    rank = a.shape[2]
+    reference = bgmv_reference(x, a, b, slots, rank)
     with torch.inference_mode():
-        assert torch.allclose(lora_over_slots(x, a, b, lora)[:, 0], reference, atol=1e-4, rtol=1e-3)
-        assert torch.allclose(fused_with_base(), linear.base(x)[:, 0] + reference, atol=1e-4, rtol=1e-3)
+        assert torch.allclose(
+            bgmv_embedding_bag(x, a, b, LoraBatch(slots, rank)), reference, atol=1e-4, rtol=1e-3
+        )
     return {
         "base linear": _micro(lambda: linear.base(x)),
-        "bgmv_reference": _micro(lambda: bgmv_reference(x, a, b, slots, rank)),
+        "bgmv_reference (gather + bmm)": _micro(lambda: bgmv_reference(x, a, b, slots, rank)),
+        "bgmv_embedding_bag": _micro(lambda: bgmv_embedding_bag(x, a, b, LoraBatch(slots, rank))),
         "LoRALinear.forward (base + delta)": _micro(lambda: linear(x, LoraBatch(slots, rank))),
-        "lora_over_slots (2 GEMMs + mask)": _micro(lambda: lora_over_slots(x, a, b, lora)),
-        "base and LoRA fused (1 wider GEMM + addmm)": _micro(fused_with_base),
     }
 
 

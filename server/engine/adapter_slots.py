@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from adapterd.adapters.format import AdapterSpec
+from adapterd.server.model.llama import SHARED_INPUT_GROUPS
 
 if TYPE_CHECKING:
     from adapterd.adapters.io import LoraWeights
@@ -137,28 +138,39 @@ class AdapterSlots:
 
 
 class LoraSlotStorage:
-    """Per linear layer, its A and B stacks rank-major and contiguous: `[slots, R, in]` and `[slots, R, out]`,
-    so an adapter of rank r fills a leading `[r, in]` / `[r, out]` block of its slot, and all slots' A (or
-    B) read as one `[slots * R, in]` matrix. The layers see `lora_a` as a `[S, in, R]` view. Filling a slot
-    is one batched zeroing, one copy of the adapter's packed host buffer to the device, and one batched
-    device-side copy into place."""
+    """Per linear layer, its A and B stacks: `[slots, in, R]` and `[slots, R, out]` (the layout every LoRA op
+    reads: `lora.py`, `triton_lora.py`), so an adapter of rank r fills the first r columns of its A slot and
+    the first r rows of its B slot. The A stacks of linears that read one input (q/k/v, gate/up) are column
+    blocks of one contiguous `[slots, in, n*R]` tensor, so the CPU shrinks them in one pass. Filling a slot
+    is one batched zeroing, one copy of the adapter's packed host buffer (laid out the same way) to the
+    device, and one batched device-side copy into place."""
 
     def __init__(
         self, model: LlamaModel, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, module) -> A, B
+        self.contiguous: list[torch.Tensor] = []  # every A group stack and B stack, for zeroing slots
         largest = 0
         for layer_index, layer in enumerate(model.lora_linears()):
-            for name, linear in layer.items():
-                a = torch.zeros(num_slots, max_rank, linear.in_features, dtype=dtype, device=device)
-                b = torch.zeros(num_slots, max_rank, linear.out_features, dtype=dtype, device=device)
-                self.stacks[(layer_index, name)] = (a, b)
-                linear.lora_a, linear.lora_b = a.transpose(1, 2), b
-                largest += a[0].numel() + b[0].numel()
+            for group in SHARED_INPUT_GROUPS:
+                in_features = layer[group[0]].in_features
+                a_stack = torch.zeros(
+                    num_slots, in_features, len(group) * max_rank, dtype=dtype, device=device
+                )
+                for position, name in enumerate(group):
+                    linear = layer[name]
+                    first = position * max_rank
+                    a = a_stack[:, :, first : first + max_rank]
+                    b = torch.zeros(num_slots, max_rank, linear.out_features, dtype=dtype, device=device)
+                    self.stacks[(layer_index, name)] = (a, b)
+                    linear.use_slots(a, b, a_stack, first)
+                    largest += a[0].numel() + b[0].numel()
+                    self.contiguous.append(b)
+                self.contiguous.append(a_stack)
         self.staging = torch.empty(largest, dtype=dtype, device=device) if device.type == "cuda" else None
 
     def fill(self, slot: int, weights: LoraWeights) -> None:
-        torch._foreach_zero_([stack[slot] for pair in self.stacks.values() for stack in pair])
+        torch._foreach_zero_([stack[slot] for stack in self.contiguous])
         source = weights.flat
         if self.staging is not None:  # one host-to-device copy, from page-locked memory when it is
             source = self.staging[: source.numel()]
@@ -167,9 +179,9 @@ class LoraSlotStorage:
         for key, a_offset, b_offset in weights.entries:
             (rank, in_features), out_features = weights.a[key].shape, weights.b[key].shape[0]
             a, b = self.stacks[key]
-            targets += [a[slot, :rank], b[slot, :rank]]
+            targets += [a[slot, :, :rank], b[slot, :rank]]
             parts += [
-                source[a_offset : a_offset + rank * in_features].view(rank, in_features),
+                source[a_offset : a_offset + in_features * rank].view(in_features, rank),
                 source[b_offset : b_offset + rank * out_features].view(rank, out_features),
             ]
         torch._foreach_copy_(targets, parts)

@@ -86,7 +86,7 @@ class ModelRunner:
         slots = self._adapter_slots(seqs, lora=True)
         rank = max((s.adapter.rank for s in seqs if s.adapter), default=0)
         shared = slots[0] if len(set(slots)) == 1 and slots[0] >= 0 else None
-        return LoraBatch(torch.tensor(slots, dtype=torch.long), rank, shared, slot_span=max(slots) + 1)
+        return LoraBatch(torch.tensor(slots, dtype=torch.long), rank, shared)
 
     def _adapter_slots(self, seqs: list[Sequence], lora: bool) -> list[int]:
         return [

@@ -19,9 +19,8 @@ class LoraBatch:
     slots: torch.Tensor  # [B] long; device slot of each row's LoRA adapter, -1 for none
     rank: int  # largest rank among the rows' adapters, 0 when no row has a LoRA
     shared_slot: int | None = None  # the slot of every row, when all rows use the same adapter
-    slot_span: int = 0  # 1 + the highest slot any row uses; 0 when unknown (then: every slot)
     # What the LoRA op derives from `slots` once per forward and reuses in every layer (cleared by the model).
-    cache: dict[Any, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from adapterd.server.model.batch import ForwardBatch
 from adapterd.server.model.lora import LoRALinear
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linears that read the same input, in LINEAR_MODULES order: their LoRA shrinks can run as one.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 def head_dim_of(config: Any) -> int:
@@ -63,13 +65,21 @@ class Attention(nn.Module):
         v = self.v_proj(x, lora).view(bsz, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, *rope)  # q: [B, H, T, D], k: [B, KVH, T, D]
         self._write_cache(k.transpose(1, 2), v, batch, k_cache, v_cache)
-        keys = k_cache[batch.read_slots].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
-        values = v_cache[batch.read_slots].transpose(1, 2).to(q.dtype)
+        keys = self._read_cache(k_cache, batch.read_slots).to(q.dtype)  # [B, KVH, L, D]
+        values = self._read_cache(v_cache, batch.read_slots).to(q.dtype)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=batch.attn_mask, scale=self.scale, enable_gqa=True
         )
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
         return self.o_proj(out, lora)
+
+    @staticmethod
+    def _read_cache(cache: torch.Tensor, read_slots: torch.Tensor) -> torch.Tensor:
+        """The K or V of every key each row sees, [B, KVH, L, D]. `index_select` on the flat slots, not
+        `cache[read_slots]`: the same gather, 4x faster on the CPU (advanced indexing goes element-wise)."""
+        rows, keys = read_slots.shape
+        gathered = cache.index_select(0, read_slots.reshape(-1)).view(rows, keys, *cache.shape[1:])
+        return gathered.transpose(1, 2)
 
     @staticmethod
     def _write_cache(
@@ -126,7 +136,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, linears) for linears in layer_linears)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head: nn.Module = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.soft_prompts: torch.Tensor | None = None  # [P, V_max, hidden] once allocated
 
     def lora_linears(self) -> list[dict[str, LoRALinear]]:

@@ -7,7 +7,7 @@ Zero padding makes every rank fit one shape: the padded columns contribute exact
 Kernel choice for mixed batches (rows with different adapters), read once from the environment at import:
 `ADAPTERD_LORA_KERNEL=auto` (the default; `triton` means the same) runs the Triton BGMV/SGMV kernels of
 `triton_lora` when x is on CUDA in fp16/bf16/fp32 and Triton is installed, else plain torch ops
-(`lora_over_slots` for decode rows over few slots, else `bgmv_reference`); `ADAPTERD_LORA_KERNEL=torch`
+(`bgmv_embedding_bag` for decode rows on the CPU, else `bgmv_reference`); `ADAPTERD_LORA_KERNEL=torch`
 always runs the torch ops (the kill switch, should the kernels misbehave on some GPU). `KERNEL` holds the
 value ("auto" or "torch"); tests may reassign it.
 """
@@ -15,6 +15,7 @@ value ("auto" or "torch"); tests may reassign it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,38 +47,96 @@ def bgmv_reference(
     return delta * has_adapter.to(delta.dtype)[:, None, None]
 
 
-def lora_over_slots(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-    """`bgmv_reference` for decode rows (T = 1) without gathering: every row times all slots' A as one
-    `[S'*R, in]` matrix (each slot read once, no copies), the other slots' columns zeroed, then times all
-    slots' B as one `[S'*R, out]` matrix: two GEMMs. Costs slots/rows times the reference's arithmetic, so
-    it is for slots in use not many more than the rows. a, b: the slots in use, [S', in, R], [S', R, out]
-    (rank-major storage makes the flattening free; other layouts are copied)."""
-    span, in_features, max_rank = a.shape
-    a_all = a.transpose(1, 2).reshape(span * max_rank, in_features)
-    b_all = b.reshape(span * max_rank, b.shape[2])
-    shrunk = x[:, 0] @ a_all.t()  # [B, S'*R]
-    return ((shrunk * own_columns(lora, span, max_rank, shrunk.dtype)) @ b_all)[:, None, :]
+@dataclass(frozen=True)
+class StackRows:
+    """One linear's slot stacks as `embedding_bag` tables (views, no copies): `a_rows` [S*in, n*R] is the A
+    stack it shares with the linears reading the same input (q/k/v, gate/up; n = 1 when none), its own A
+    being columns `first:first+R`; `b_rows` [S*R, out] is its B."""
+
+    a_rows: torch.Tensor
+    first: int
+    b_rows: torch.Tensor
+    max_rank: int  # R
+
+    @classmethod
+    def of(
+        cls, a: torch.Tensor, b: torch.Tensor, a_stack: torch.Tensor | None, first: int
+    ) -> StackRows | None:
+        """The tables of a linear whose A `a` [S, in, R] is columns `first:` of `a_stack` [S, in, n*R] (None:
+        `a` itself); None unless the stacks are contiguous."""
+        stack = a if a_stack is None else a_stack
+        if not (stack.is_contiguous() and b.is_contiguous()):
+            return None
+        return cls(stack.view(-1, stack.shape[2]), first, b.view(-1, b.shape[2]), b.shape[1])
 
 
-def own_columns(lora: LoraBatch, span: int, max_rank: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, span*R]: 1 in each row's own slot's R columns, else 0; made once per step and dtype."""
-    key = ("own_columns", span, max_rank, dtype)
-    if key not in lora.cache:
-        own = lora.slots[:, None] == torch.arange(span, device=lora.slots.device)[None, :]  # [B, span]
-        lora.cache[key] = own.to(dtype).repeat_interleave(max_rank, dim=1)
-    return lora.cache[key]
+def bgmv_embedding_bag(x: torch.Tensor, rows: StackRows, lora: LoraBatch) -> torch.Tensor:
+    """`bgmv_reference` for decode rows (T = 1) on the CPU, reading each row's own slot in place, no copies:
+    the shrink `x[i] @ A[slot_i]` is the sum of A[slot_i]'s `in` rows weighted by x[i], the expand the sum
+    of B[slot_i]'s first `rank` rows weighted by the shrink: both are `embedding_bag` with per-sample
+    weights (one bag per row; rows without adapter get an empty bag, so a zero delta). It reads exactly the
+    rows' adapter bytes, where a gather copies them and GEMMs over all slots multiply by every slot (see
+    bench/profile.py). The linears that share an A stack shrink once, in one call, for the same x in a step.
+    x: [B, 1, in] -> [B, 1, out]."""
+    plan = lora.cache.get("bags")
+    if plan is None:
+        plan = lora.cache["bags"] = _BagPlan(lora.slots)
+    shrunk = plan.shrink(x, rows.a_rows)[:, rows.first : rows.first + lora.rank]  # [rows with adapter, rank]
+    indices, offsets = plan.bags(rows.max_rank, lora.rank)
+    # torch.embedding_bag, not F.embedding_bag: the same op without the wrapper's per-call argument checks.
+    delta = torch.embedding_bag(rows.b_rows, indices, offsets, False, 0, False, shrunk.reshape(-1))[0]
+    return delta.unsqueeze(1)
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+class _BagPlan:
+    """What `bgmv_embedding_bag` derives from a step's slots, once per step: which rows have an adapter,
+    `embedding_bag`'s indices and offsets per table shape, and each A stack's shrink of its latest input."""
+
+    def __init__(self, slots: torch.Tensor) -> None:
+        self.slots = slots
+        has = slots >= 0
+        self.with_adapter = None if bool(has.all()) else has.nonzero()[:, 0]  # None: every row
+        self._bags: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._shrunk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # A stack's address -> (x, shrink)
+
+    def bags(self, width: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, offsets) taking rows `slot * width + [0, count)` of a table for each row that has an
+        adapter, and an empty bag for each row that has none."""
+        key = (width, count)
+        if key not in self._bags:
+            has = (self.slots >= 0).long()
+            indices = self.slots[has.bool()][:, None] * width + torch.arange(count)[None, :]
+            self._bags[key] = indices.reshape(-1), (torch.cumsum(has, 0) - has) * count
+        return self._bags[key]
+
+    def shrink(self, x: torch.Tensor, a_rows: torch.Tensor) -> torch.Tensor:
+        """x[i] @ A[slot_i] over the whole stack's columns, for the rows that have an adapter."""
+        cached = self._shrunk.get(a_rows.data_ptr())
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        in_features = x.shape[-1]
+        weights = x.reshape(-1) if self.with_adapter is None else x[:, 0].index_select(0, self.with_adapter)
+        indices, offsets = self.bags(in_features, in_features)
+        shrunk = torch.embedding_bag(a_rows, indices, offsets, False, 0, False, weights.reshape(-1))[0]
+        if self.with_adapter is not None:
+            shrunk = shrunk.index_select(0, self.with_adapter)
+        self._shrunk[a_rows.data_ptr()] = (x, shrunk)
+        return shrunk
+
+
+def lora_delta(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch, rows: StackRows | None = None
+) -> torch.Tensor:
     """The batch's LoRA delta: two plain matmuls when every row uses one adapter; else the Triton kernels
-    on CUDA; else, for decode rows over few slots, `lora_over_slots`; else `bgmv_reference`."""
+    on CUDA; else, for decode rows on the CPU with the stacks as tables (`rows`), `bgmv_embedding_bag`; else
+    `bgmv_reference`."""
     if lora.shared_slot is not None:
         return (x @ a[lora.shared_slot, :, : lora.rank]) @ b[lora.shared_slot, : lora.rank, :]
-    if KERNEL == "auto" and x.is_cuda and x.dtype in SUPPORTED_DTYPES and triton_available():
-        return bgmv_triton(x, a, b, lora.slots, lora.rank)
-    span = lora.slot_span or a.shape[0]
-    if x.shape[1] == 1 and span <= 2 * x.shape[0]:
-        return lora_over_slots(x, a[:span], b[:span], lora)
+    if x.is_cuda:
+        if KERNEL == "auto" and x.dtype in SUPPORTED_DTYPES and triton_available():
+            return bgmv_triton(x, a, b, lora.slots, lora.rank)
+    elif rows is not None and x.shape[1] == 1:
+        return bgmv_embedding_bag(x, rows, lora)
     return bgmv_reference(x, a, b, lora.slots, lora.rank)
 
 
@@ -89,12 +148,23 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features = in_features
         self.out_features = out_features
-        # Views of the engine's slot stacks (engine/adapter_slots.py), set when the engine starts.
+        # Views of the engine's slot stacks (engine/adapter_slots.py), set by `use_slots` when the engine starts.
         self.lora_a: torch.Tensor | None = None  # [S, in, R]
         self.lora_b: torch.Tensor | None = None  # [S, R, out]
+        self.lora_rows: StackRows | None = None
+
+    def use_slots(
+        self, a: torch.Tensor, b: torch.Tensor, a_stack: torch.Tensor | None = None, first: int = 0
+    ) -> None:
+        """Read adapters from the slot stacks a [S, in, R] and b [S, R, out]; `a` may be columns `first:` of
+        an A stack [S, in, n*R] shared with linears that read the same input."""
+        self.lora_a, self.lora_b = a, b
+        self.lora_rows = StackRows.of(a, b, a_stack, first)
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         y = self.base(x)
         if lora is None or lora.rank == 0 or self.lora_a is None or self.lora_b is None:
             return y
-        return y + lora_delta(x.to(self.lora_a.dtype), self.lora_a, self.lora_b, lora).to(y.dtype)
+        if x.dtype != self.lora_a.dtype:
+            x = x.to(self.lora_a.dtype)
+        return y.add_(lora_delta(x, self.lora_a, self.lora_b, lora, self.lora_rows))

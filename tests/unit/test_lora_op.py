@@ -27,12 +27,13 @@ class Adapter:
 
 
 def make_layer(dtype: torch.dtype) -> LoRALinear:
-    """A LoRALinear with its own zeroed, in-major slot stacks (the engine's are rank-major views)."""
+    """A LoRALinear with its own zeroed slot stacks, laid out as the engine's: A [S, in, R], B [S, R, out]."""
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT, dtype=dtype)
     layer = LoRALinear(base, IN, OUT)
-    layer.lora_a = torch.zeros(NUM_SLOTS, IN, MAX_RANK, dtype=dtype)
-    layer.lora_b = torch.zeros(NUM_SLOTS, MAX_RANK, OUT, dtype=dtype)
+    layer.use_slots(
+        torch.zeros(NUM_SLOTS, IN, MAX_RANK, dtype=dtype), torch.zeros(NUM_SLOTS, MAX_RANK, OUT, dtype=dtype)
+    )
     return layer
 
 
@@ -175,33 +176,64 @@ def test_one_adapter_for_every_row_takes_the_plain_matmul_path_with_the_same_res
         )
 
 
-@pytest.mark.parametrize("slots", [[0, 1, 2, -1], [2, 2, 0], [-1, -1], [1], [0, 0, -1]])
-def test_decode_over_slots_equals_the_gather(slots: list[int]) -> None:
-    """lora_over_slots (decode rows, no weight copies, slots in use only, all R columns: the padded ones are
-    zero) computes bgmv_reference's delta at the batch's rank, the largest of its rows' adapters. make_layer's
-    stacks are in-major, so this also checks the copying fallback."""
-    from adapterd.server.model.lora import lora_over_slots
+@pytest.mark.parametrize("slots", [[0, 1, 2, -1], [2, 2, 0], [-1, -1], [1], [0, 0, -1], [2, -1, 1, 2]])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_embedding_bag_equals_the_gather(
+    slots: list[int], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bgmv_embedding_bag (CPU decode rows, each row's slot read in place as weighted sums of its rows)
+    computes bgmv_reference's delta at the batch's rank, the largest of its rows' adapters, and PEFT's
+    formula per row; rows without adapter get exact zeros; lora_delta takes it for CPU decode batches."""
+    from adapterd.server.model import lora as lora_module
 
-    adapters = three_ranks(torch.float64)
-    layer = make_layer(torch.float64)
+    adapters = three_ranks(dtype)
+    layer = make_layer(dtype)
     fill(layer, adapters)
     assert layer.lora_a is not None and layer.lora_b is not None
-    x = torch.randn(len(slots), 1, IN, dtype=torch.float64)
+    x = torch.randn(len(slots), 1, IN, dtype=dtype)
     index = torch.tensor(slots)
     rank = max((adapters[s].a.shape[0] for s in slots if s >= 0), default=0)
     expected = per_row_reference(x, slots, adapters)
     torch.testing.assert_close(bgmv_reference(x, layer.lora_a, layer.lora_b, index, rank), expected)
-    span = max(slots) + 1
-    batch = LoraBatch(index, rank, slot_span=span)
-    got = lora_over_slots(x, layer.lora_a[:span], layer.lora_b[:span], batch)
-    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
+    batch = LoraBatch(index, rank)
+    assert layer.lora_rows is not None
+    got = lora_module.bgmv_embedding_bag(x, layer.lora_rows, batch)
+    torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+    assert all(torch.equal(got[i], torch.zeros_like(got[i])) for i, s in enumerate(slots) if s < 0)
     if rank:  # the engine's rank-0 batches skip LoRA before lora_delta
-        delta = lora_delta(x, layer.lora_a, layer.lora_b, batch)
-        torch.testing.assert_close(delta, expected, **TOLERANCES[torch.float64])
+        calls = []
+        monkeypatch.setattr(
+            lora_module, "bgmv_embedding_bag", lambda *args: calls.append(1) or got, raising=True
+        )
+        delta = lora_delta(x, layer.lora_a, layer.lora_b, LoraBatch(index, rank), layer.lora_rows)
+        assert calls == [1] and delta is got
 
 
-def test_rank_major_stacks_flatten_without_copies() -> None:
-    """The engine's slot stacks (adapter_slots.py) are rank-major, so lora_over_slots reads them in place."""
-    a = torch.zeros(4, MAX_RANK, IN).transpose(1, 2)  # [S, in, R] as the layers see it
-    assert a.transpose(1, 2).reshape(-1, IN).data_ptr() == a.data_ptr()
-    assert a.transpose(1, 2).reshape(-1, IN)._base is not None  # a view
+def test_linears_reading_one_input_shrink_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two linears whose A lie side by side in one stack (as the engine keeps q/k/v and gate/up) each get
+    their own delta, from one shared shrink: three embedding_bag calls (one shrink, two expands), not four;
+    a new input in the same step shrinks again."""
+    stack = torch.zeros(NUM_SLOTS, IN, 2 * MAX_RANK, dtype=torch.float64)
+    layers, all_adapters = [], []
+    for position, seed in enumerate((10, 20)):
+        layer = make_layer(torch.float64)
+        first = position * MAX_RANK
+        assert layer.lora_b is not None
+        layer.use_slots(stack[:, :, first : first + MAX_RANK], layer.lora_b, stack, first)
+        adapters = {
+            slot: Adapter(rank, seed=seed + slot, dtype=torch.float64) for slot, rank in ((0, 4), (2, 16))
+        }
+        fill(layer, adapters)
+        layers.append(layer)
+        all_adapters.append(adapters)
+    calls = []
+    embedding_bag = torch.embedding_bag
+    monkeypatch.setattr(torch, "embedding_bag", lambda *args: calls.append(1) or embedding_bag(*args))
+    slots = [2, -1, 0]
+    batch = LoraBatch(torch.tensor(slots), 16)
+    for x in (torch.randn(3, 1, IN, dtype=torch.float64), torch.randn(3, 1, IN, dtype=torch.float64)):
+        calls.clear()
+        for layer, adapters in zip(layers, all_adapters, strict=True):
+            expected = layer.base(x) + per_row_reference(x, slots, adapters)
+            torch.testing.assert_close(layer(x, batch), expected, **TOLERANCES[torch.float64])
+        assert len(calls) == 3
