@@ -2,8 +2,9 @@
 
 - Decode through CUDA graphs (on a CPU: the same padded static path, run eagerly) against eager decoding,
   on a batch mixing distinct LoRA adapters and soft prompts: the share of generated tokens that agree.
-- The Triton LoRA kernels (CUDA only) against `bgmv_reference`, on this model's slot tensors filled with
-  the bench's adapters, for a decode batch and a prefill batch: the largest error relative to the delta.
+- The mixed-batch LoRA op against `bgmv_reference`, on this model's slot tensors filled with the bench's
+  adapters: on CUDA the Triton kernels for a decode batch and a prefill batch, on a CPU the decode op
+  (`bgmv_embedding_bag`): the largest error relative to the delta.
 A timing of wrong code is worthless, so these come first in the report.
 """
 
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adapterd.server.engine.engine import LLMEngine
-from adapterd.server.model.lora import bgmv_reference
+from adapterd.server.model.batch import LoraBatch
+from adapterd.server.model.lora import bgmv_embedding_bag, bgmv_reference
 from adapterd.server.model.triton_lora import bgmv_triton, triton_available
 
 from .workload import Case, random_prompts
@@ -64,9 +66,10 @@ def graphs_vs_eager(bench: Bench) -> dict[str, Any]:
 
 
 def lora_kernels(bench: Bench) -> dict[str, Any]:
+    """The mixed-batch LoRA op this device runs (Triton on CUDA, `bgmv_embedding_bag` for CPU decode)."""
     device = bench.server.device
-    if device.type != "cuda" or not triton_available():
-        return {"ran": False, "why": "needs CUDA and Triton"}
+    if device.type == "cuda" and not triton_available():
+        return {"ran": False, "op": "Triton LoRA kernels", "why": "needs Triton"}
     adapters = bench.loras[: bench.s.batch]
     server = bench.server
 
@@ -78,17 +81,24 @@ def lora_kernels(bench: Bench) -> dict[str, Any]:
     server.loop.call(fill).result()
     linears = bench.models.engine_model.lora_linears()[0]
     generator = torch.Generator(device="cpu").manual_seed(0)
+    on_cuda = device.type == "cuda"
+    shapes = ((64, 1), (4, 32)) if on_cuda else ((bench.s.batch, 1),)  # decode (BGMV), prefill (SGMV)
     errors: dict[str, float] = {}
     for name in ("q_proj", "down_proj"):
         linear = linears[name]
-        a, b = linear.lora_a, linear.lora_b
+        a, b, rows = linear.lora_a, linear.lora_b, linear.lora_rows
         assert a is not None and b is not None
         num_slots = a.shape[0]
-        for shape in ((64, 1), (4, 32)):  # decode (BGMV), prefill (SGMV)
+        for shape in shapes:
             x = torch.randn(*shape, a.shape[1], generator=generator).to(device, a.dtype)
             slots = torch.randint(-1, num_slots, (shape[0],), generator=generator).to(device)
             expected = bgmv_reference(x.float(), a.float(), b.float(), slots, bench.s.rank)
-            got = bgmv_triton(x, a, b, slots, bench.s.rank).float()
+            if on_cuda:
+                got = bgmv_triton(x, a, b, slots, bench.s.rank)
+            else:
+                assert rows is not None
+                got = bgmv_embedding_bag(x, rows, LoraBatch(slots, bench.s.rank))
             scale = expected.abs().max().clamp(min=1e-6)
-            errors[f"{name} B={shape[0]} T={shape[1]}"] = float((got - expected).abs().max() / scale)
-    return {"ran": True, "max_relative_error": errors}
+            errors[f"{name} B={shape[0]} T={shape[1]}"] = float((got.float() - expected).abs().max() / scale)
+    op = "Triton LoRA kernel" if on_cuda else "CPU decode LoRA (embedding_bag)"
+    return {"ran": True, "op": op, "max_relative_error": errors}
