@@ -7,8 +7,9 @@ Zero padding makes every rank fit one shape: the padded columns contribute exact
 Kernel choice for mixed batches (rows with different adapters), read once from the environment at import:
 `ADAPTERD_LORA_KERNEL=auto` (the default; `triton` means the same) runs the Triton BGMV/SGMV kernels of
 `triton_lora` when x is on CUDA in fp16/bf16/fp32 and Triton is installed, else plain torch ops
-(`bgmv_embedding_bag` for decode rows on the CPU, else `bgmv_reference`); `ADAPTERD_LORA_KERNEL=torch`
-always runs the torch ops (the kill switch, should the kernels misbehave on some GPU). `KERNEL` holds the
+(`bgmv_embedding_bag` for decode rows on the CPU, else `bgmv_reference`), and CPU decode rows in fp32 through
+the C++ kernel of `cpu_lora` when it builds; `ADAPTERD_LORA_KERNEL=torch` always runs the torch ops (the kill
+switch, should a kernel misbehave on some machine). `KERNEL` holds the
 value ("auto" or "torch"); tests may reassign it.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adapterd.server.model import cpu_lora
 from adapterd.server.model.batch import LoraBatch
 from adapterd.server.model.triton_lora import SUPPORTED_DTYPES, bgmv_triton, triton_available
 
@@ -140,6 +142,31 @@ def lora_delta(
     return bgmv_reference(x, a, b, lora.slots, lora.rank)
 
 
+def add_lora_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lora: LoraBatch,
+    rows: StackRows | None = None,
+) -> torch.Tensor:
+    """y += the batch's LoRA delta, in place. Mixed decode rows on the CPU in fp32 take the C++ kernel of
+    `cpu_lora` (one call per linear) when it is built and `KERNEL` is "auto"; everything else adds
+    `lora_delta`."""
+    if (
+        KERNEL == "auto"
+        and rows is not None
+        and lora.shared_slot is None
+        and x.shape[1] == 1
+        and x.device.type == "cpu"
+        and x.dtype == y.dtype == torch.float32
+        and y.is_contiguous()
+        and cpu_lora.kernel() is not None
+    ):
+        return cpu_lora.add_lora_(y, x, rows, lora)
+    return y.add_(lora_delta(x, a, b, lora, rows))
+
+
 class LoRALinear(nn.Module):
     """A base linear layer (plain or quantized, never modified) plus per-row LoRA from adapter slots."""
 
@@ -167,4 +194,4 @@ class LoRALinear(nn.Module):
             return y
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
-        return y.add_(lora_delta(x, self.lora_a, self.lora_b, lora, self.lora_rows))
+        return add_lora_(y, x, self.lora_a, self.lora_b, lora, self.lora_rows)
