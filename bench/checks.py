@@ -3,8 +3,8 @@
 - Decode through CUDA graphs (on a CPU: the same padded static path, run eagerly) against eager decoding,
   on a batch mixing distinct LoRA adapters and soft prompts: the share of generated tokens that agree.
 - The mixed-batch LoRA op against `bgmv_reference`, on this model's slot tensors filled with the bench's
-  adapters: on CUDA the Triton kernels for a decode batch and a prefill batch, on a CPU the decode op
-  (`bgmv_embedding_bag`): the largest error relative to the delta.
+  adapters: on CUDA the Triton kernels for a decode batch and a prefill batch, on a CPU the decode ops
+  (the C++ kernel of `cpu_lora` and `bgmv_embedding_bag`): the largest error relative to the delta.
 A timing of wrong code is worthless, so these come first in the report.
 """
 
@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from adapterd.server.engine.engine import LLMEngine
+from adapterd.server.model import cpu_lora
 from adapterd.server.model.batch import LoraBatch
-from adapterd.server.model.lora import bgmv_embedding_bag, bgmv_reference
+from adapterd.server.model.lora import LoRALinear, bgmv_embedding_bag, bgmv_reference
 from adapterd.server.model.triton_lora import bgmv_triton, triton_available
 
 from .workload import Case, random_prompts
@@ -66,7 +67,8 @@ def graphs_vs_eager(bench: Bench) -> dict[str, Any]:
 
 
 def lora_kernels(bench: Bench) -> dict[str, Any]:
-    """The mixed-batch LoRA op this device runs (Triton on CUDA, `bgmv_embedding_bag` for CPU decode)."""
+    """The mixed-batch LoRA ops this device runs: the Triton kernels on CUDA; on a CPU the decode ops, the
+    C++ kernel (`cpu_lora`) and `bgmv_embedding_bag`."""
     device = bench.server.device
     if device.type == "cuda" and not triton_available():
         return {"ran": False, "op": "Triton LoRA kernels", "why": "needs Triton"}
@@ -86,19 +88,28 @@ def lora_kernels(bench: Bench) -> dict[str, Any]:
     errors: dict[str, float] = {}
     for name in ("q_proj", "down_proj"):
         linear = linears[name]
-        a, b, rows = linear.lora_a, linear.lora_b, linear.lora_rows
+        a, b = linear.lora_a, linear.lora_b
         assert a is not None and b is not None
         num_slots = a.shape[0]
         for shape in shapes:
             x = torch.randn(*shape, a.shape[1], generator=generator).to(device, a.dtype)
             slots = torch.randint(-1, num_slots, (shape[0],), generator=generator).to(device)
             expected = bgmv_reference(x.float(), a.float(), b.float(), slots, bench.s.rank)
-            if on_cuda:
-                got = bgmv_triton(x, a, b, slots, bench.s.rank)
-            else:
-                assert rows is not None
-                got = bgmv_embedding_bag(x, rows, LoraBatch(slots, bench.s.rank))
             scale = expected.abs().max().clamp(min=1e-6)
-            errors[f"{name} B={shape[0]} T={shape[1]}"] = float((got.float() - expected).abs().max() / scale)
-    op = "Triton LoRA kernel" if on_cuda else "CPU decode LoRA (embedding_bag)"
-    return {"ran": True, "op": op, "max_relative_error": errors}
+            for op, got in _fast_ops(linear, x, slots, bench.s.rank).items():
+                error = float((got.float() - expected).abs().max() / scale)
+                errors[f"{op}, {name} B={shape[0]} T={shape[1]}"] = error
+    return {"ran": True, "max_relative_error": errors}
+
+
+def _fast_ops(linear: LoRALinear, x: torch.Tensor, slots: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    a, b, rows = linear.lora_a, linear.lora_b, linear.lora_rows
+    assert a is not None and b is not None
+    if x.is_cuda:
+        return {"Triton LoRA kernel": bgmv_triton(x, a, b, slots, rank)}
+    assert rows is not None
+    found = {"CPU decode LoRA (embedding_bag)": bgmv_embedding_bag(x, rows, LoraBatch(slots, rank))}
+    if cpu_lora.kernel() is not None:
+        zeros = torch.zeros(x.shape[0], 1, b.shape[2], dtype=x.dtype)
+        found["CPU decode LoRA (C++ kernel)"] = cpu_lora.add_lora_(zeros, x, rows, LoraBatch(slots, rank))
+    return found

@@ -6,7 +6,7 @@ Drives the engine by hand (its thread stopped) on the default model with a decod
    linears, MLP without its linears, norms, LM head, the rest),
 3. the top aten ops (torch.profiler, self CPU time),
 4. the LoRA op alone per call on layer 0's shapes: the base linear, the gather (`bgmv_reference`), the
-   decode op the engine uses on the CPU (`bgmv_embedding_bag`), and the whole layer.
+   CPU decode ops (`bgmv_embedding_bag`, the C++ kernel the engine uses when it builds), the whole layer.
 Writes JSON to --out (default bench/profile-<kind>.json).
 """
 
@@ -29,6 +29,7 @@ from torch import nn
 from adapterd.server.config import EngineConfig
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.sampler import sample
+from adapterd.server.model import cpu_lora
 from adapterd.server.model.batch import LoraBatch
 from adapterd.server.model.llama import DecoderLayer, LlamaModel
 from adapterd.server.model.lora import LoRALinear, bgmv_embedding_bag, bgmv_reference
@@ -309,22 +310,30 @@ def lora_op_variants(model: LlamaModel, batch: int, num_slots_used: int) -> dict
 
 
 def _lora_variants(linear: LoRALinear, batch: int, num_slots_used: int) -> dict[str, float]:
-    a, b = linear.lora_a, linear.lora_b
-    assert a is not None and b is not None
+    a, b, rows = linear.lora_a, linear.lora_b, linear.lora_rows
+    assert a is not None and b is not None and rows is not None
     x = torch.randn(batch, 1, linear.in_features, dtype=a.dtype)
     slots = torch.arange(batch) % max(num_slots_used, 1)
     rank = a.shape[2]
     reference = bgmv_reference(x, a, b, slots, rank)
-    with torch.inference_mode():
-        assert torch.allclose(
-            bgmv_embedding_bag(x, a, b, LoraBatch(slots, rank)), reference, atol=1e-4, rtol=1e-3
-        )
-    return {
-        "base linear": _micro(lambda: linear.base(x)),
-        "bgmv_reference (gather + bmm)": _micro(lambda: bgmv_reference(x, a, b, slots, rank)),
-        "bgmv_embedding_bag": _micro(lambda: bgmv_embedding_bag(x, a, b, LoraBatch(slots, rank))),
-        "LoRALinear.forward (base + delta)": _micro(lambda: linear(x, LoraBatch(slots, rank))),
+
+    def kernel() -> torch.Tensor:  # a fresh LoraBatch: the shrink is not reused from the previous call
+        return cpu_lora.add_lora_(torch.zeros_like(reference), x, rows, LoraBatch(slots, rank))
+
+    variants = {
+        "base linear": lambda: linear.base(x),
+        "bgmv_reference (gather + bmm)": lambda: bgmv_reference(x, a, b, slots, rank),
+        "bgmv_embedding_bag": lambda: bgmv_embedding_bag(x, rows, LoraBatch(slots, rank)),
+        "C++ kernel (cpu_lora)": kernel,
+        "LoRALinear.forward (base + delta)": lambda: linear(x, LoraBatch(slots, rank)),
     }
+    if cpu_lora.kernel() is None:
+        del variants["C++ kernel (cpu_lora)"]
+    with torch.inference_mode():
+        for name in ("bgmv_embedding_bag", "C++ kernel (cpu_lora)"):
+            if name in variants:
+                assert torch.allclose(variants[name](), reference, atol=1e-4, rtol=1e-3), name
+    return {name: _micro(fn) for name, fn in variants.items()}
 
 
 def _micro(fn: Callable[[], object], repeats: int = 200) -> float:

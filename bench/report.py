@@ -165,11 +165,10 @@ def checks_table(checks: dict[str, Any]) -> list[str]:
         f"{graphs['token_agreement']:.1%} of {graphs['tokens']} tokens agree, "
         f"{graphs['rows_identical']}/{graphs['rows']} rows identical |",
     ]
-    op = kernels.get("op", "Triton LoRA kernels")
     if not kernels["ran"]:
-        return [*lines, f"| {op} vs bgmv_reference | not run: {kernels['why']} |", ""]
-    for shape, error in kernels["max_relative_error"].items():
-        lines.append(f"| {op} vs bgmv_reference, {shape} | max error {error:.2e} of the delta |")
+        return [*lines, f"| {kernels['op']} vs bgmv_reference | not run: {kernels['why']} |", ""]
+    for op_and_shape, error in kernels["max_relative_error"].items():
+        lines.append(f"| {op_and_shape}: vs bgmv_reference | max error {error:.2e} of the delta |")
     return [*lines, ""]
 
 
