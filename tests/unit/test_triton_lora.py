@@ -214,7 +214,7 @@ def test_cpu_tensors_need_the_interpreter():
 
 def test_lora_delta_on_cpu_keeps_the_reference():
     """On CPU the model never runs the (interpreted) kernels: for prefill rows lora_delta is bgmv_reference,
-    bit for bit (decode rows over few slots take lora_over_slots, tested in test_lora_op.py)."""
+    bit for bit (decode rows take the C++ kernel or bgmv_embedding_bag: test_cpu_lora.py, test_lora_op.py)."""
     x, a, b = make_inputs(3, 2, 16, 8, 4, 4, torch.float32)
     slots = torch.tensor([1, -1, 2])
     assert torch.equal(lora_delta(x, a, b, LoraBatch(slots, 4)), bgmv_reference(x, a, b, slots, 4))
