@@ -56,44 +56,32 @@ void shrink(const float* x, const float* a, int64_t in, int64_t width, float* s)
   }
 }
 
-// y[0:out] += s[0:rank] @ b[rank, out], one block of y held in registers across the rank.
+// y[0:out] += s[0:rank] @ b[rank, out]: each of B's rows streamed once, y (a few KB) stays in L1.
 void expand_add(const float* __restrict s, const float* __restrict b, int64_t rank, int64_t out,
                 float* __restrict y) {
-  constexpr int64_t kBlock = 64;
-  int64_t o = 0;
-  for (; o + kBlock <= out; o += kBlock) {
-    float acc[kBlock];
+  for (int64_t r = 0; r < rank; ++r) {
+    const float sr = s[r];
+    const float* __restrict br = b + r * out;
 #pragma omp simd
-    for (int64_t j = 0; j < kBlock; ++j) acc[j] = y[o + j];
-    for (int64_t r = 0; r < rank; ++r) {
-      const float sr = s[r];
-      const float* __restrict br = b + r * out + o;
-#pragma omp simd
-      for (int64_t j = 0; j < kBlock; ++j) acc[j] += sr * br[j];
-    }
-#pragma omp simd
-    for (int64_t j = 0; j < kBlock; ++j) y[o + j] = acc[j];
-  }
-  for (; o < out; ++o) {
-    float acc = y[o];
-    for (int64_t r = 0; r < rank; ++r) acc += s[r] * b[r * out + o];
-    y[o] = acc;
+    for (int64_t o = 0; o < out; ++o) y[o] += sr * br[o];
   }
 }
 
 }  // namespace
 
-// y [B, out], x [B, in], a_rows [S*in, W], b_rows [S*R, out], slots [B] (-1: none), shrunk [B, W]: all
-// contiguous float32 (slots int64) on the CPU; the linear's A is columns first:first+R of the stack.
+// y [B, 1, out] or [B, out], x [B, 1, in] or [B, in], a_rows [S*in, W], b_rows [S*R, out], slots [B] (-1:
+// none), shrunk [B, W]: all contiguous float32 (slots int64) on the CPU; the linear's A is columns
+// first:first+R of the stack.
 void lora_decode_(torch::Tensor y, torch::Tensor x, torch::Tensor a_rows, torch::Tensor b_rows,
                   torch::Tensor slots, torch::Tensor shrunk, int64_t first, int64_t rank, int64_t max_rank,
                   bool compute_shrink) {
   for (const auto& t : {y, x, a_rows, b_rows, shrunk}) {
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2,
-                "lora_decode_: expected contiguous 2-D float32 CPU tensors");
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() >= 2,
+                "lora_decode_: expected contiguous float32 CPU tensors");
   }
   TORCH_CHECK(slots.device().is_cpu() && slots.scalar_type() == at::kLong && slots.dim() == 1, "slots: int64 [B]");
-  const int64_t rows = x.size(0), in = x.size(1), width = a_rows.size(1), out = y.size(1);
+  const int64_t rows = x.size(0), in = x.size(-1), width = a_rows.size(1), out = y.size(-1);
+  TORCH_CHECK(x.numel() == rows * in && y.numel() == y.size(0) * out, "x and y must hold one token per row");
   TORCH_CHECK(in > 0 && a_rows.size(0) % in == 0, "a_rows must be [S*in, W]");
   const int64_t num_slots = a_rows.size(0) / in;
   TORCH_CHECK(y.size(0) == rows && slots.size(0) == rows && shrunk.size(0) == rows && shrunk.size(1) == width,

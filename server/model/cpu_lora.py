@@ -48,27 +48,17 @@ def kernel() -> Any | None:
 
 
 def add_lora_(y: torch.Tensor, x: torch.Tensor, rows: StackRows, lora: LoraBatch) -> torch.Tensor:
-    """y[i] += x[i] @ A[slot_i][:, :rank] @ B[slot_i][:rank] for decode rows, in place; y: [B, 1, out]
-    contiguous, x: [B, 1, in], both float32. The shrink of a shared A stack is made once per step and x."""
+    """y[i] += x[i] @ A[slot_i][:, :rank] @ B[slot_i][:rank] for decode rows, in place; y: [B, 1, out], x:
+    [B, 1, in], both contiguous float32. The shrink of a shared A stack is made once per step and x."""
     built = kernel()
     assert built is not None, "add_lora_ without the kernel"
-    key = ("cpu_lora_shrunk", rows.a_rows.data_ptr())
-    cached = lora.cache.get(key)
+    cached = lora.cache.get(rows.a_key)
     fresh = cached is None or cached[0] is not x
     if fresh:
-        cached = lora.cache[key] = (x, torch.empty(x.shape[0], rows.a_rows.shape[1]))
+        cached = lora.cache[rows.a_key] = (x, torch.empty(x.shape[0], rows.a_rows.shape[1]))
     assert cached is not None
     built.lora_decode_(
-        y.view(y.shape[0], -1),
-        x.reshape(x.shape[0], -1).contiguous(),
-        rows.a_rows,
-        rows.b_rows,
-        lora.slots,
-        cached[1],
-        rows.first,
-        lora.rank,
-        rows.max_rank,
-        fresh,
+        y, x, rows.a_rows, rows.b_rows, lora.slots, cached[1], rows.first, lora.rank, rows.max_rank, fresh
     )
     return y
 

@@ -59,6 +59,7 @@ class StackRows:
     first: int
     b_rows: torch.Tensor
     max_rank: int  # R
+    a_key: tuple[str, int]  # names the A stack in a step's cache (the linears sharing it share its shrink)
 
     @classmethod
     def of(
@@ -69,7 +70,8 @@ class StackRows:
         stack = a if a_stack is None else a_stack
         if not (stack.is_contiguous() and b.is_contiguous()):
             return None
-        return cls(stack.view(-1, stack.shape[2]), first, b.view(-1, b.shape[2]), b.shape[1])
+        a_rows = stack.view(-1, stack.shape[2])
+        return cls(a_rows, first, b.view(-1, b.shape[2]), b.shape[1], ("a_stack", a_rows.data_ptr()))
 
 
 def bgmv_embedding_bag(x: torch.Tensor, rows: StackRows, lora: LoraBatch) -> torch.Tensor:
@@ -154,17 +156,29 @@ def add_lora_(
     `cpu_lora` (one call per linear) when it is built and `KERNEL` is "auto"; everything else adds
     `lora_delta`."""
     if (
-        KERNEL == "auto"
-        and rows is not None
-        and lora.shared_slot is None
-        and x.shape[1] == 1
-        and x.device.type == "cpu"
-        and x.dtype == y.dtype == torch.float32
+        rows is not None
+        and _cpu_kernel_step(x, lora)
+        and x.is_contiguous()
+        and y.dtype == torch.float32
         and y.is_contiguous()
-        and cpu_lora.kernel() is not None
     ):
         return cpu_lora.add_lora_(y, x, rows, lora)
     return y.add_(lora_delta(x, a, b, lora, rows))
+
+
+def _cpu_kernel_step(x: torch.Tensor, lora: LoraBatch) -> bool:
+    """Whether this step's mixed decode rows take the C++ kernel: decided by the first linear, kept for all."""
+    decided = lora.cache.get("cpu_kernel")
+    if decided is None:
+        decided = lora.cache["cpu_kernel"] = (
+            KERNEL == "auto"
+            and lora.shared_slot is None
+            and x.shape[1] == 1
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and cpu_lora.kernel() is not None
+        )
+    return decided
 
 
 class LoRALinear(nn.Module):
