@@ -1,5 +1,5 @@
 // The CPU's decode LoRA op (see cpu_lora.py): for each row i with a slot, in place,
-//   shrunk[i] = x[i] @ A[slot_i]                    (the whole A stack's width; only when asked)
+//   shrunk[i] = x[i] @ A[slot_i]      (every linear's block of the A stack, its first rank columns; when asked)
 //   y[i]     += shrunk[i, first:first+rank] @ B[slot_i, :rank]
 // reading each row's adapter in place from the slot stacks, in one pass and one call per linear.
 #include <torch/extension.h>
@@ -9,50 +9,74 @@
 
 namespace {
 
-// s = x[0:in] @ a[in, W], with four accumulator sets so consecutive FMAs do not wait on each other.
-template <int W>
-void shrink_fixed(const float* __restrict x, const float* __restrict a, int64_t in, float* __restrict s) {
-  float acc[4][W] = {};
+// The shrink of one row against an A stack whose rows hold N linears' blocks of R columns each
+// (row width W = N * R): for each block m, s[m*R + r] = x[0:in] @ a[:, m*R + r] for r < COLS, the first
+// COLS columns only (COLS >= the batch's rank; the rest of a block is padding), so a rank-16 batch on
+// max_rank-64 slots reads a quarter of each row. UNROLL accumulator sets keep consecutive FMAs apart.
+template <int N, int COLS, int UNROLL>
+void shrink_fixed(const float* __restrict x, const float* __restrict a, int64_t in, int64_t width,
+                  int64_t max_rank, float* __restrict s) {
+  float acc[UNROLL][N][COLS] = {};
   int64_t k = 0;
-  for (; k + 4 <= in; k += 4) {
-    for (int u = 0; u < 4; ++u) {
+  for (; k + UNROLL <= in; k += UNROLL) {
+    for (int u = 0; u < UNROLL; ++u) {
       const float xk = x[k + u];
-      const float* __restrict ak = a + (k + u) * W;
+      for (int m = 0; m < N; ++m) {
+        const float* __restrict am = a + (k + u) * width + m * max_rank;
 #pragma omp simd
-      for (int w = 0; w < W; ++w) acc[u][w] += xk * ak[w];
+        for (int r = 0; r < COLS; ++r) acc[u][m][r] += xk * am[r];
+      }
     }
   }
   for (; k < in; ++k) {
     const float xk = x[k];
-    const float* __restrict ak = a + k * W;
+    for (int m = 0; m < N; ++m) {
+      const float* __restrict am = a + k * width + m * max_rank;
 #pragma omp simd
-    for (int w = 0; w < W; ++w) acc[0][w] += xk * ak[w];
+      for (int r = 0; r < COLS; ++r) acc[0][m][r] += xk * am[r];
+    }
   }
-#pragma omp simd
-  for (int w = 0; w < W; ++w) s[w] = (acc[0][w] + acc[1][w]) + (acc[2][w] + acc[3][w]);
+  for (int m = 0; m < N; ++m) {
+    for (int r = 0; r < COLS; ++r) {
+      float total = 0.f;
+      for (int u = 0; u < UNROLL; ++u) total += acc[u][m][r];
+      s[m * max_rank + r] = total;
+    }
+  }
 }
 
 void shrink_any(const float* __restrict x, const float* __restrict a, int64_t in, int64_t width,
-                float* __restrict s) {
-  std::fill(s, s + width, 0.f);
+                int64_t max_rank, int64_t cols, float* __restrict s) {
+  const int64_t blocks = width / max_rank;
+  for (int64_t m = 0; m < blocks; ++m) std::fill(s + m * max_rank, s + m * max_rank + cols, 0.f);
   for (int64_t k = 0; k < in; ++k) {
     const float xk = x[k];
-    const float* __restrict ak = a + k * width;
+    for (int64_t m = 0; m < blocks; ++m) {
+      const float* __restrict am = a + k * width + m * max_rank;
+      float* __restrict sm = s + m * max_rank;
 #pragma omp simd
-    for (int64_t w = 0; w < width; ++w) s[w] += xk * ak[w];
+      for (int64_t r = 0; r < cols; ++r) sm[r] += xk * am[r];
+    }
   }
 }
 
-void shrink(const float* x, const float* a, int64_t in, int64_t width, float* s) {
-  switch (width) {  // the stack widths of max_rank 8/16/32 with 1-3 linears sharing an input
-    case 8: return shrink_fixed<8>(x, a, in, s);
-    case 16: return shrink_fixed<16>(x, a, in, s);
-    case 24: return shrink_fixed<24>(x, a, in, s);
-    case 32: return shrink_fixed<32>(x, a, in, s);
-    case 48: return shrink_fixed<48>(x, a, in, s);
-    case 64: return shrink_fixed<64>(x, a, in, s);
-    case 96: return shrink_fixed<96>(x, a, in, s);
-    default: return shrink_any(x, a, in, width, s);
+template <int N>
+void shrink_blocks(const float* x, const float* a, int64_t in, int64_t width, int64_t max_rank, int64_t rank,
+                   float* s) {
+  // The fewest columns a compiled variant covers: 16 floats are one 64-byte cache line.
+  if (rank <= 8 && max_rank >= 8) return shrink_fixed<N, 8, 4>(x, a, in, width, max_rank, s);
+  if (rank <= 16 && max_rank >= 16) return shrink_fixed<N, 16, 4>(x, a, in, width, max_rank, s);
+  if (rank <= 32 && max_rank >= 32) return shrink_fixed<N, 32, (N > 2 ? 2 : 4)>(x, a, in, width, max_rank, s);
+  if (rank <= 64 && max_rank >= 64) return shrink_fixed<N, 64, (N > 1 ? 1 : 2)>(x, a, in, width, max_rank, s);
+  shrink_any(x, a, in, width, max_rank, rank, s);
+}
+
+void shrink(const float* x, const float* a, int64_t in, int64_t width, int64_t max_rank, int64_t rank, float* s) {
+  switch (width / max_rank) {  // how many linears share the stack: q/k/v 3, gate/up 2, o and down 1
+    case 1: return shrink_blocks<1>(x, a, in, width, max_rank, rank, s);
+    case 2: return shrink_blocks<2>(x, a, in, width, max_rank, rank, s);
+    case 3: return shrink_blocks<3>(x, a, in, width, max_rank, rank, s);
+    default: return shrink_any(x, a, in, width, max_rank, rank, s);
   }
 }
 
@@ -86,7 +110,9 @@ void lora_decode_(torch::Tensor y, torch::Tensor x, torch::Tensor a_rows, torch:
   const int64_t num_slots = a_rows.size(0) / in;
   TORCH_CHECK(y.size(0) == rows && slots.size(0) == rows && shrunk.size(0) == rows && shrunk.size(1) == width,
               "row counts or the shrink's width do not match");
-  TORCH_CHECK(0 <= rank && rank <= max_rank && 0 <= first && first + max_rank <= width, "bad rank or columns");
+  TORCH_CHECK(0 <= rank && rank <= max_rank && width % max_rank == 0 && 0 <= first && first % max_rank == 0 &&
+                  first + max_rank <= width,
+              "bad rank or columns");
   TORCH_CHECK(b_rows.size(0) == num_slots * max_rank && b_rows.size(1) == out, "b_rows must be [S*R, out]");
   const int64_t* slot_of = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < rows; ++i) TORCH_CHECK(slot_of[i] < num_slots, "slot out of range");
@@ -101,7 +127,7 @@ void lora_decode_(torch::Tensor y, torch::Tensor x, torch::Tensor a_rows, torch:
       const int64_t slot = slot_of[i];
       if (slot < 0) continue;
       float* s = sp + i * width;
-      if (compute_shrink) shrink(xp + i * in, ap + slot * in * width, in, width, s);
+      if (compute_shrink) shrink(xp + i * in, ap + slot * in * width, in, width, max_rank, rank, s);
       expand_add(s + first, bp + slot * max_rank * out, rank, out, yp + i * out);
     }
   });
