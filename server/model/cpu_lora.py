@@ -33,6 +33,7 @@ SOURCE = Path(__file__).with_name("cpu_lora.cpp")
 @functools.cache
 def kernel() -> Any | None:
     """The built extension, or None when it cannot be built here."""
+    log.info("loading the CPU LoRA kernel (built once per machine on first use: about 20 s)")
     try:
         from torch.utils.cpp_extension import load
 
