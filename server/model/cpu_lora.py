@@ -5,8 +5,8 @@ Why a kernel: on the CPU a decode step's LoRA work is small (a few MB per linear
 how many torch ops run per linear. `bgmv_embedding_bag` needs about eight (shrink, slice, copy, expand,
 add, ...); this kernel does the shrink (once per A stack shared by q/k/v or gate/up), the expand and the
 add into the base output in one call, reading each row's slot in place. Measured on the default model,
-8 distinct adapters in a batch of 8 (one 2-vCPU AMD EPYC thread): the LoRA share of a decode step falls
-from ~11 ms to ~8 ms (bench/profile.py). `lora.py` falls back to `bgmv_embedding_bag` when the kernel
+8 distinct adapters in a batch of 8 (one 2-vCPU AMD EPYC thread): the LoRA share of a decode step's forward
+falls from ~11 ms to ~8.5 ms (an A/B of the engine's forward; docs/performance.md). `lora.py` falls back to `bgmv_embedding_bag` when the kernel
 cannot be built (a warning says why) or `ADAPTERD_LORA_KERNEL=torch`; tests check both against
 `bgmv_reference`.
 """
