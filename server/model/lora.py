@@ -7,8 +7,8 @@ Zero padding makes every rank fit one shape: the padded columns contribute exact
 Kernel choice for mixed batches (rows with different adapters), read once from the environment at import:
 `ADAPTERD_LORA_KERNEL=auto` (the default; `triton` means the same) runs the Triton BGMV/SGMV kernels of
 `triton_lora` when x is on CUDA in fp16/bf16/fp32 and Triton is installed, else plain torch ops
-(`bgmv_embedding_bag` for decode rows on the CPU, else `bgmv_reference`), and CPU decode rows in fp32 through
-the C++ kernel of `cpu_lora` when it builds; `ADAPTERD_LORA_KERNEL=torch` always runs the torch ops (the kill
+(`bgmv_embedding_bag` for decode rows on the CPU, else `bgmv_reference`), and CPU decode rows in fp32 (one
+adapter or many) through the C++ kernel of `cpu_lora` when it builds; `ADAPTERD_LORA_KERNEL=torch` always runs the torch ops (the kill
 switch, should a kernel misbehave on some machine). `KERNEL` holds the
 value ("auto" or "torch"); tests may reassign it.
 """
@@ -152,9 +152,9 @@ def add_lora_(
     lora: LoraBatch,
     rows: StackRows | None = None,
 ) -> torch.Tensor:
-    """y += the batch's LoRA delta, in place. Mixed decode rows on the CPU in fp32 take the C++ kernel of
-    `cpu_lora` (one call per linear) when it is built and `KERNEL` is "auto"; everything else adds
-    `lora_delta`."""
+    """y += the batch's LoRA delta, in place. Decode rows on the CPU in fp32 (one adapter or many) take the
+    C++ kernel of `cpu_lora` (one call per linear) when it is built and `KERNEL` is "auto"; everything else
+    adds `lora_delta`."""
     if (
         rows is not None
         and _cpu_kernel_step(x, lora)
@@ -167,12 +167,11 @@ def add_lora_(
 
 
 def _cpu_kernel_step(x: torch.Tensor, lora: LoraBatch) -> bool:
-    """Whether this step's mixed decode rows take the C++ kernel: decided by the first linear, kept for all."""
+    """Whether this step's decode rows take the C++ kernel: decided by the first linear, kept for all."""
     decided = lora.cache.get("cpu_kernel")
     if decided is None:
         decided = lora.cache["cpu_kernel"] = (
             KERNEL == "auto"
-            and lora.shared_slot is None
             and x.shape[1] == 1
             and x.device.type == "cpu"
             and x.dtype == torch.float32

@@ -111,3 +111,19 @@ def test_kernel_on_slots_no_compiled_variant_fits() -> None:
         torch.testing.assert_close(
             layer(x, LoraBatch(slots, 10)), layer.base(x) + reference, rtol=1e-5, atol=1e-5
         )
+
+
+def test_kernel_serves_a_batch_of_one_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row on one adapter (the engine sets shared_slot): the kernel runs, and adds what the two plain
+    matmuls of the torch path add."""
+    layers, adapters = sharing_linears(3, {1: 16, 2: 64}, seed=11)
+    calls = []
+    add = cpu_lora.add_lora_
+    monkeypatch.setattr(cpu_lora, "add_lora_", lambda *args: calls.append(1) or add(*args))
+    x = torch.randn(5, 1, IN)
+    for layer, own in zip(layers, adapters, strict=True):
+        expected = layer.base(x) + per_row_reference(x, [2] * 5, own)
+        torch.testing.assert_close(
+            layer(x, LoraBatch(torch.full((5,), 2), 64, 2)), expected, rtol=1e-5, atol=1e-5
+        )
+    assert len(calls) == 3
