@@ -6,6 +6,7 @@ The engine builds one `ForwardBatch` per step. Rows are sequences, padded to the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,18 @@ class LoraBatch:
     shared_slot: int | None = None  # the slot of every row, when all rows use the same adapter
     # What the LoRA op derives from `slots` once per forward and reuses in every layer (cleared by the model).
     cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def per_input(
+        self, key: Any, x: torch.Tensor, make: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, bool]:
+        """What `make()` gives for the input x, kept under `key` until another input comes (the linears that
+        read one x, such as q/k/v, share it): the tensor, and whether this call made it."""
+        cached = self.cache.get(key)
+        if cached is not None and cached[0] is x:
+            return cached[1], False
+        made = make()
+        self.cache[key] = (x, made)
+        return made, True
 
 
 @dataclass

@@ -53,13 +53,11 @@ def add_lora_(y: torch.Tensor, x: torch.Tensor, rows: StackRows, lora: LoraBatch
     [B, 1, in], both contiguous float32. The shrink of a shared A stack is made once per step and x."""
     built = kernel()
     assert built is not None, "add_lora_ without the kernel"
-    cached = lora.cache.get(rows.a_key)
-    fresh = cached is None or cached[0] is not x
-    if fresh:
-        cached = lora.cache[rows.a_key] = (x, torch.empty(x.shape[0], rows.a_rows.shape[1]))
-    assert cached is not None
+    shrunk, fresh = lora.per_input(
+        ("cpu_lora", rows.a_key), x, lambda: torch.empty(x.shape[0], rows.a_rows.shape[1])
+    )
     built.lora_decode_(
-        y, x, rows.a_rows, rows.b_rows, lora.slots, cached[1], rows.first, lora.rank, rows.max_rank, fresh
+        y, x, rows.a_rows, rows.b_rows, lora.slots, shrunk, rows.first, lora.rank, rows.max_rank, fresh
     )
     return y
 

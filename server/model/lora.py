@@ -4,13 +4,12 @@ Adapters live in fixed slots of stacked, zero-padded tensors (one pair per targe
 `a[slot] : [in, R]`, `b[slot] : [R, out]`, the LoRA scale folded into b once when the slot is filled.
 Zero padding makes every rank fit one shape: the padded columns contribute exact zeros.
 
-Kernel choice for mixed batches (rows with different adapters), read once from the environment at import:
-`ADAPTERD_LORA_KERNEL=auto` (the default; `triton` means the same) runs the Triton BGMV/SGMV kernels of
-`triton_lora` when x is on CUDA in fp16/bf16/fp32 and Triton is installed, else plain torch ops
-(`bgmv_embedding_bag` for decode rows on the CPU, else `bgmv_reference`), and CPU decode rows in fp32 (one
-adapter or many) through the C++ kernel of `cpu_lora` when it builds; `ADAPTERD_LORA_KERNEL=torch` always runs the torch ops (the kill
-switch, should a kernel misbehave on some machine). `KERNEL` holds the
-value ("auto" or "torch"); tests may reassign it.
+Kernel choice, read once from the environment at import: `ADAPTERD_LORA_KERNEL=auto` (the default; `triton`
+means the same) runs CPU decode rows in fp32 (one adapter or many) through the C++ kernel of `cpu_lora` when
+it builds, and mixed batches on CUDA in fp16/bf16/fp32 through the Triton BGMV/SGMV kernels of `triton_lora`
+when Triton is installed; everything else runs plain torch ops (`bgmv_embedding_bag` for decode rows on the
+CPU, else `bgmv_reference`). `ADAPTERD_LORA_KERNEL=torch` always runs the torch ops (the kill switch, should
+a kernel misbehave on some machine). `KERNEL` holds the value ("auto" or "torch"); tests may reassign it.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def bgmv_reference(
 
 @dataclass(frozen=True)
 class StackRows:
-    """One linear's slot stacks as `embedding_bag` tables (views, no copies): `a_rows` [S*in, n*R] is the A
+    """One linear's slot stacks as flat tables for the CPU ops (views, no copies): `a_rows` [S*in, n*R] is the A
     stack it shares with the linears reading the same input (q/k/v, gate/up; n = 1 when none), its own A
     being columns `first:first+R`; `b_rows` [S*R, out] is its B."""
 
@@ -85,7 +84,8 @@ def bgmv_embedding_bag(x: torch.Tensor, rows: StackRows, lora: LoraBatch) -> tor
     plan = lora.cache.get("bags")
     if plan is None:
         plan = lora.cache["bags"] = _BagPlan(lora.slots)
-    shrunk = plan.shrink(x, rows.a_rows)[:, rows.first : rows.first + lora.rank]  # [rows with adapter, rank]
+    shrunk, _ = lora.per_input(("embedding_bag", rows.a_key), x, lambda: plan.shrink(x, rows.a_rows))
+    shrunk = shrunk[:, rows.first : rows.first + lora.rank]  # [rows with adapter, rank]
     indices, offsets = plan.bags(rows.max_rank, lora.rank)
     # torch.embedding_bag, not F.embedding_bag: the same op without the wrapper's per-call argument checks.
     delta = torch.embedding_bag(rows.b_rows, indices, offsets, False, 0, False, shrunk.reshape(-1))[0]
@@ -93,39 +93,31 @@ def bgmv_embedding_bag(x: torch.Tensor, rows: StackRows, lora: LoraBatch) -> tor
 
 
 class _BagPlan:
-    """What `bgmv_embedding_bag` derives from a step's slots, once per step: which rows have an adapter,
-    `embedding_bag`'s indices and offsets per table shape, and each A stack's shrink of its latest input."""
+    """What `bgmv_embedding_bag` derives from a step's slots, once per step: which rows have an adapter and
+    `embedding_bag`'s indices and offsets per table shape."""
 
     def __init__(self, slots: torch.Tensor) -> None:
         self.slots = slots
-        has = slots >= 0
-        self.with_adapter = None if bool(has.all()) else has.nonzero()[:, 0]  # None: every row
+        self.has = (slots >= 0).long()
+        self.with_adapter = None if bool(self.has.all()) else self.has.nonzero()[:, 0]  # None: every row
         self._bags: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._shrunk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # A stack's address -> (x, shrink)
 
     def bags(self, width: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, offsets) taking rows `slot * width + [0, count)` of a table for each row that has an
         adapter, and an empty bag for each row that has none."""
         key = (width, count)
         if key not in self._bags:
-            has = (self.slots >= 0).long()
-            indices = self.slots[has.bool()][:, None] * width + torch.arange(count)[None, :]
-            self._bags[key] = indices.reshape(-1), (torch.cumsum(has, 0) - has) * count
+            indices = self.slots[self.has.bool()][:, None] * width + torch.arange(count)[None, :]
+            self._bags[key] = indices.reshape(-1), (torch.cumsum(self.has, 0) - self.has) * count
         return self._bags[key]
 
     def shrink(self, x: torch.Tensor, a_rows: torch.Tensor) -> torch.Tensor:
         """x[i] @ A[slot_i] over the whole stack's columns, for the rows that have an adapter."""
-        cached = self._shrunk.get(a_rows.data_ptr())
-        if cached is not None and cached[0] is x:
-            return cached[1]
         in_features = x.shape[-1]
         weights = x.reshape(-1) if self.with_adapter is None else x[:, 0].index_select(0, self.with_adapter)
         indices, offsets = self.bags(in_features, in_features)
         shrunk = torch.embedding_bag(a_rows, indices, offsets, False, 0, False, weights.reshape(-1))[0]
-        if self.with_adapter is not None:
-            shrunk = shrunk.index_select(0, self.with_adapter)
-        self._shrunk[a_rows.data_ptr()] = (x, shrunk)
-        return shrunk
+        return shrunk if self.with_adapter is None else shrunk.index_select(0, self.with_adapter)
 
 
 def lora_delta(
