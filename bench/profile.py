@@ -28,7 +28,6 @@ from torch import nn
 
 from adapterd.server.config import EngineConfig
 from adapterd.server.engine.engine import LLMEngine
-from adapterd.server.engine.sampler import sample
 from adapterd.server.model import cpu_lora
 from adapterd.server.model.batch import LoraBatch
 from adapterd.server.model.llama import DecoderLayer, LlamaModel
@@ -122,7 +121,7 @@ def phases(engine: LLMEngine, steps: int) -> dict[str, float]:
         for seq in seqs:
             seq.num_cached = seq.num_tokens
         with _timed(times, "sample"):
-            tokens = sample(logits, seqs)
+            tokens = engine.choose(logits, seqs)
         with _timed(times, "postprocess"):
             engine.postprocess(seqs, tokens)
     medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
@@ -152,7 +151,7 @@ def forward_split(engine: LLMEngine, steps: int) -> dict[str, float]:
             forward_total += time.perf_counter() - start
             for seq in seqs:
                 seq.num_cached = seq.num_tokens
-            engine.postprocess(seqs, sample(logits, seqs))
+            engine.postprocess(seqs, engine.choose(logits, seqs))
     finally:
         for hook in hooks:
             hook.remove()

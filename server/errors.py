@@ -4,11 +4,15 @@ from __future__ import annotations
 
 
 class AdapterdError(Exception):
-    """Base of every error a client may cause; never a 500."""
+    """Base of every error a client may cause; never a 500. `param` names the request field at fault."""
 
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
     error_type = "invalid_request"
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidRequest(AdapterdError):

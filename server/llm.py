@@ -97,6 +97,11 @@ class LLM:
         self.adapters.remove(adapter_id)
 
     def encode(self, request: GenerateRequest) -> list[int]:
+        """The prompt's token ids: token-id prompts exactly as given, text through the tokenizer."""
+        ids = self._encode(request)
+        return ids[-request.truncate :] if request.truncate else ids
+
+    def _encode(self, request: GenerateRequest) -> list[int]:
         if request.prompt_ids is not None:
             return list(request.prompt_ids)
         if self.tokenizer is None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from adapterd.server.errors import InvalidRequest
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
+MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's limit)
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,12 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities of the model's own distribution (before repetition penalty, temperature, top-k and
+    # top-p). Every generated token carries its own; `top_logprobs` adds that many alternatives per token.
+    top_logprobs: int = 0
+    # None: no prompt log-probabilities. k >= 0: every prompt token's log-probability (the first one has
+    # none) and its k most likely alternatives, computed on this row only.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -30,12 +38,20 @@ class SamplingParams:
 
     def problems(self) -> list[str]:
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (
+                self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and self.prompt_logprobs is not None),
+                "max_new_tokens must be >= 1 (0 only when scoring the prompt)",
+            ),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop sequences must be non-empty strings"),
+            (0 <= self.top_logprobs <= MAX_LOGPROBS, f"top_logprobs must be in 0..{MAX_LOGPROBS}"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in 0..{MAX_LOGPROBS}",
+            ),
         ]
         return [message for ok, message in checks if not ok]
 
@@ -63,11 +79,26 @@ class GenerateRequest:
     adapter_id: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    truncate: int | None = None  # keep only the last `truncate` prompt tokens (TGI's `truncate`)
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids))
         if given != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_ids")
+
+    def with_params(self, **changes: Any) -> GenerateRequest:
+        """The same request with some sampling parameters changed (one choice of n, say)."""
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, **changes))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token with its log-probability under the request's model (base or adapter) and, when asked for,
+    its most likely alternatives at that position, best first. The first prompt token has no logprob."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +109,8 @@ class TokenEvent:
     token_id: int
     text: str
     is_last: bool = False
+    logprob: float = 0.0
+    top: tuple[tuple[int, float], ...] = ()  # the `top_logprobs` alternatives, best first
 
 
 @dataclass(frozen=True)
@@ -90,3 +123,6 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per generated token
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token, when asked for
+    seed: int | None = None  # the sampling seed used (drawn when the request gave none); None when greedy

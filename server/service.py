@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.num_pending = 0
+        self._token_texts: dict[int, str] = {}
+        tokenizer = llm.tokenizer
+        self._special_ids = set(tokenizer.all_special_ids) if tokenizer is not None else set()
         scheduler = llm.engine.scheduler
         self.metrics.watch(lambda: len(scheduler.waiting), lambda: len(scheduler.running), self._tier_counts)
 
@@ -67,6 +71,99 @@ class Service:
         finally:
             await events.aclose()
         raise AssertionError("a stream always ends with a Completion")
+
+    async def generate_all(self, requests: list[GenerateRequest], principal: Principal) -> list[Completion]:
+        """Several requests at once (the choices of `n`, the prompts of a list): they share the batch."""
+        tasks = [asyncio.ensure_future(self.generate(r, principal)) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()  # one failed: the others stop too
+
+    async def stream_all(
+        self, requests: list[GenerateRequest], principal: Principal
+    ) -> AsyncGenerator[tuple[int, Event], None]:
+        """The events of several requests as they come, each tagged with its request's index."""
+        if len(requests) == 1:
+            async with aclosing(self.stream(requests[0], principal)) as events:
+                async for event in events:
+                    yield 0, event
+            return
+        merged: asyncio.Queue[tuple[int, Event] | BaseException] = asyncio.Queue()
+
+        async def pump(index: int, request: GenerateRequest) -> None:
+            try:
+                async with aclosing(self.stream(request, principal)) as events:
+                    async for event in events:
+                        await merged.put((index, event))
+            except Exception as exc:
+                await merged.put(exc)
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            remaining = len(requests)
+            while remaining:
+                item = await merged.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                remaining -= isinstance(item[1], Completion)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    # -- tokens -------------------------------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded on its own (special tokens kept), as TGI and vLLM show tokens."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            tokenizer = self.llm.tokenizer
+            text = tokenizer.decode([token_id]) if tokenizer is not None else ""
+            self._token_texts[token_id] = text
+        return text
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def detokenize(self, token_ids: Any) -> str:
+        self.llm.engine.check_prompt(list(token_ids))
+        tokenizer = self._tokenizer()
+        return str(tokenizer.decode(list(token_ids)))
+
+    async def tokenize(
+        self, request: GenerateRequest, principal: Principal, add_special_tokens: bool = True
+    ) -> tuple[list[int], int]:
+        """A request's prompt as the engine would see it (plain text without special tokens, if asked), and
+        the context limit left for it (a soft prompt's virtual tokens take their share)."""
+        self._check_use(request.adapter_id, principal)
+        tokenizer = self._tokenizer()
+        if request.prompt is not None and not add_special_tokens:
+            prompt_ids = list(tokenizer(request.prompt, add_special_tokens=False).input_ids)
+        else:
+            prompt_ids = await asyncio.to_thread(self.llm.encode, request)
+        adapter = await asyncio.to_thread(self.llm.adapters.resolve, request.adapter_id)
+        virtual = adapter.num_virtual_tokens if adapter else 0
+        return prompt_ids, self.llm.engine.context_limit - virtual
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """What vLLM's /tokenizer_info tells (lm-eval's remote tokenizer reads it)."""
+        tokenizer = self._tokenizer()
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token,
+            "pad_token": tokenizer.pad_token,
+            "unk_token": tokenizer.unk_token,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": self.llm.engine.context_limit,
+        }
+
+    def _tokenizer(self) -> Any:
+        if self.llm.tokenizer is None:
+            raise InvalidRequest("this model has no tokenizer")
+        return self.llm.tokenizer
 
     async def _run(self, prepared: Any) -> AsyncGenerator[Event, None]:
         loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()

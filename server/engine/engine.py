@@ -11,6 +11,7 @@ from adapterd.server.engine.adapter_slots import AdapterSlots, LoadedAdapter
 from adapterd.server.engine.cuda_graphs import DecodeGraphs
 from adapterd.server.engine.detokenizer import Detokenizer
 from adapterd.server.engine.kv_cache import BlockAllocator
+from adapterd.server.engine.logprobs import token_logprobs
 from adapterd.server.engine.model_runner import ModelRunner
 from adapterd.server.engine.sampler import sample
 from adapterd.server.engine.scheduler import Scheduler
@@ -18,7 +19,7 @@ from adapterd.server.engine.sequence import EventSink, Sequence
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.model import cpu_lora, lora
 from adapterd.server.model.llama import KVCache, LlamaModel
-from adapterd.server.protocol import FinishReason, SamplingParams, TokenEvent
+from adapterd.server.protocol import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 
 
 class LLMEngine:
@@ -58,6 +59,12 @@ class LLMEngine:
         )
 
     @property
+    def context_limit(self) -> int:
+        """Most tokens one sequence may hold: soft-prompt rows, prompt and output together."""
+        cache_tokens = self.blocks.num_blocks * self.blocks.block_size  # whole blocks, not the raw budget
+        return min(cache_tokens, self.config.max_seq_len, self.max_positions)
+
+    @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
@@ -75,8 +82,7 @@ class LLMEngine:
         """Refuse a request that could never fit the KV cache, the positions or the adapter limits."""
         virtual = adapter.num_virtual_tokens if adapter else 0
         needed = virtual + num_prompt_tokens + params.max_new_tokens
-        cache_tokens = self.blocks.num_blocks * self.blocks.block_size  # whole blocks, not the raw budget
-        limit = min(cache_tokens, self.config.max_seq_len, self.max_positions)
+        limit = self.context_limit
         if num_prompt_tokens == 0:
             raise InvalidRequest("the prompt is empty")
         if needed > limit:
@@ -97,6 +103,7 @@ class LLMEngine:
     ) -> Sequence:
         self.check_prompt(prompt_ids)
         self.check_fits(len(prompt_ids), params, adapter)
+        generator, seed = self._generator(params)
         seq = Sequence(
             request_id=request_id,
             prompt_ids=list(prompt_ids),
@@ -104,7 +111,8 @@ class LLMEngine:
             sink=sink,
             detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
             adapter=adapter,
-            generator=self._generator(params),
+            generator=generator,
+            seed=seed,
         )
         self.scheduler.add(seq)
         return seq
@@ -120,17 +128,31 @@ class LLMEngine:
         if not seqs:
             return
         logits = self.runner.run(seqs, is_prefill)
-        self.postprocess(seqs, sample(logits, seqs))
+        self.postprocess(seqs, self.choose(logits, seqs))
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
-        for seq, token_id in zip(seqs, token_ids, strict=True):
+    def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob]:
+        """Sample each row's next token and score it, with the alternatives the rows asked for."""
+        token_ids = sample(logits, seqs)
+        k = max(seq.params.top_logprobs for seq in seqs)
+        return token_logprobs(logits, torch.tensor(token_ids, device=logits.device), k)
+
+    def postprocess(self, seqs: list[Sequence], scores: list[TokenLogprob]) -> None:
+        """Append each row's new token (with its log-probability) and stream it; finish rows that are done."""
+        for seq, score in zip(seqs, scores, strict=True):
+            if seq.params.max_new_tokens == 0:  # scoring the prompt only: the sampled token is dropped
+                self.scheduler.finish(seq)
+                seq.sink(seq.finish("length"))
+                continue
+            token_id, top = score.token_id, score.top[: seq.params.top_logprobs]
+            assert score.logprob is not None
             seq.output_ids.append(token_id)
+            seq.logprobs.append(TokenLogprob(token_id, score.logprob, top))
             self.num_generated_tokens += 1
             text = seq.detokenizer.add(token_id)
             reason = self._finish_reason(seq, token_id)
             if reason:
                 text += seq.detokenizer.flush()
-            seq.sink(TokenEvent(token_id, text, is_last=reason is not None))
+            seq.sink(TokenEvent(token_id, text, reason is not None, score.logprob, top))
             if reason:
                 self.scheduler.finish(seq)
                 seq.sink(seq.finish(reason))
@@ -144,15 +166,15 @@ class LLMEngine:
             return "length"
         return None
 
-    def _generator(self, params: SamplingParams) -> torch.Generator | None:
+    def _generator(self, params: SamplingParams) -> tuple[torch.Generator | None, int | None]:
+        """A sampling request's generator and its seed (drawn when the request gave none)."""
         if params.is_greedy:
-            return None
+            return None, None
         generator = torch.Generator(device=self.runner.device)
         if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
-        return generator
+            return generator, generator.seed()
+        generator.manual_seed(params.seed)
+        return generator, params.seed
 
     def fail_running(self, message: str) -> None:
         for seq in list(self.scheduler.running):

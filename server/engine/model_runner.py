@@ -6,9 +6,11 @@ import torch
 
 from adapterd.server.engine.adapter_slots import AdapterSlots
 from adapterd.server.engine.cuda_graphs import DecodeGraphs
+from adapterd.server.engine.logprobs import score_hidden
 from adapterd.server.engine.sequence import Sequence
 from adapterd.server.model.batch import ForwardBatch, LoraBatch
 from adapterd.server.model.llama import KVCache, LlamaModel
+from adapterd.server.protocol import TokenLogprob
 
 
 class ModelRunner:
@@ -25,6 +27,8 @@ class ModelRunner:
         batch = self.host_batch(seqs, is_prefill)
         if self.graphs is not None and self.graphs.accepts(batch):
             logits = self.graphs.run(batch)
+        elif is_prefill and any(seq.needs_prompt_scores for seq in seqs):
+            logits = self._run_scoring_prompts(seqs, batch.to(self.device))
         else:
             logits = self.forward(batch.to(self.device))
         for seq in seqs:
@@ -33,6 +37,24 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch, self.kv)
+
+    def _run_scoring_prompts(self, seqs: list[Sequence], batch: ForwardBatch) -> torch.Tensor:
+        """A prefill that also scores the prompt tokens of the rows that asked (only theirs)."""
+        x = self.model.hidden_states(batch, self.kv)  # [B, T, hidden]
+        for row, seq in enumerate(seqs):
+            if seq.needs_prompt_scores:
+                seq.prompt_logprobs = self._prompt_scores(seq, x[row])
+        return self.model.last_logits(x, batch)
+
+    def _prompt_scores(self, seq: Sequence, x: torch.Tensor) -> list[TokenLogprob]:
+        """x: [T, hidden] of a row prefilled from position 0. Prompt token i (i >= 1) is predicted at
+        position num_virtual + i - 1, so a soft prompt's virtual tokens are context, never scored."""
+        assert seq.params.prompt_logprobs is not None
+        prompt = seq.prompt_ids
+        hidden = x[seq.num_virtual : seq.num_virtual + len(prompt) - 1]
+        targets = torch.tensor(prompt[1:], dtype=torch.long, device=x.device)
+        scored = score_hidden(self.model.logits, hidden, targets, seq.params.prompt_logprobs)
+        return [TokenLogprob(prompt[0], None), *scored]
 
     def build_batch(self, seqs: list[Sequence], is_prefill: bool) -> ForwardBatch:
         return self.host_batch(seqs, is_prefill).to(self.device)

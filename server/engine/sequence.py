@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapterd.server.protocol import Completion, FinishReason, SamplingParams, TokenEvent
+from adapterd.server.protocol import Completion, FinishReason, SamplingParams, TokenEvent, TokenLogprob
 
 if TYPE_CHECKING:
     from adapterd.server.engine.adapter_slots import LoadedAdapter
@@ -41,6 +41,13 @@ class Sequence:
     status: Status = Status.WAITING
     is_cancelled: bool = False
     generator: torch.Generator | None = None  # seeded sampling; None for greedy
+    seed: int | None = None  # the generator's seed
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token
+    prompt_logprobs: list[TokenLogprob] | None = None  # once scored (params.prompt_logprobs is not None)
+
+    @property
+    def needs_prompt_scores(self) -> bool:
+        return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
 
     @property
     def num_virtual(self) -> int:
@@ -65,4 +72,7 @@ class Sequence:
             finish_reason=reason,
             prompt_tokens=len(self.prompt_ids),
             error=error,
+            logprobs=tuple(self.logprobs),
+            prompt_logprobs=None if self.prompt_logprobs is None else tuple(self.prompt_logprobs),
+            seed=self.seed,
         )

@@ -14,9 +14,11 @@ from adapterd.server.errors import AdapterdError
 from adapterd.server.http.adapters import AdapterRoutes
 from adapterd.server.http.generate import GenerateRoutes, tgi_error
 from adapterd.server.http.openai import OpenAIRoutes, openai_error
+from adapterd.server.http.tokenize import TokenizeRoutes
 from adapterd.server.service import Service
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
+TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path
 
 
 def build_app(service: Service, keys: ApiKeys) -> Starlette:
@@ -26,10 +28,18 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
     generate = GenerateRoutes(service, principal)
     openai = OpenAIRoutes(service, principal)
     adapters = AdapterRoutes(service, principal)
+    tokens = TokenizeRoutes(service, principal)
     routes = [
         Route("/", generate.root, methods=["POST"]),
         Route("/generate", generate.generate, methods=["POST"]),
         Route("/generate_stream", generate.generate_stream, methods=["POST"]),
+        # For TGI clients that cannot send parameters.adapter_id (text-generation): the adapter in the path.
+        Route("/models/{adapter_id:path}/generate_stream", generate.generate_stream, methods=["POST"]),
+        Route("/models/{adapter_id:path}/generate", generate.generate, methods=["POST"]),
+        Route("/models/{adapter_id:path}", generate.root, methods=["POST"]),
+        Route("/tokenize", tokens.tokenize, methods=["POST"]),
+        Route("/detokenize", tokens.detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokens.tokenizer_info, methods=["GET"]),
         Route("/v1/completions", openai.completions, methods=["POST"]),
         Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
         Route("/v1/models", openai.models, methods=["GET"]),
@@ -51,7 +61,7 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
 
 def error_body(path: str, exc: AdapterdError) -> dict[str, Any]:
     """LoRAX/TGI routes answer {error, error_type}; every other route the OpenAI shape."""
-    return tgi_error(exc) if path in TGI_PATHS else openai_error(exc)
+    return tgi_error(exc) if path in TGI_PATHS or path.startswith(TGI_BY_ADAPTER) else openai_error(exc)
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:

@@ -1,38 +1,100 @@
 """OpenAI-compatible routes: /v1/completions, /v1/chat/completions (stream and not), /v1/models.
-`model` is the adapter id, or the base model's name for the base model."""
+`model` is the adapter id, or the base model's name for the base model.
+
+/v1/completions takes `prompt` as a string, a list of strings, a list of token ids or a list of token-id
+lists (token ids are used exactly as given: no BOS added, no re-tokenization); each prompt gets `n` choices,
+choice `index` = prompt position * n + choice. `echo` returns the prompt with its log-probabilities (the
+first one null) and `max_tokens: 0` with `echo` only scores the prompt, which is what lm-eval's
+`local-completions` needs for multiple-choice tasks.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from adapterd.server.errors import AdapterdError, InvalidRequest
+from adapterd.server.http.openai_logprobs import LegacyLogprobs, chat_logprobs
 from adapterd.server.http.params import NUMBER, field, json_body, messages_field, stop_list
 from adapterd.server.http.sse import first_then_rest, sse_response
-from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent, sampling_params
+from adapterd.server.protocol import (
+    MAX_LOGPROBS,
+    Completion,
+    GenerateRequest,
+    TokenEvent,
+    TokenLogprob,
+    sampling_params,
+)
 from adapterd.server.service import Service
 
 FINISH_REASONS = {"length": "length", "eos": "stop", "stop": "stop", "cancelled": "stop", "error": "stop"}
 CHAT_MAX_TOKENS = 256  # when the request names no max_tokens (OpenAI: until the context ends)
-UNSUPPORTED_IF_SET = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None}
+MAX_CHOICES = 128  # prompts x best_of (or n) in one request
+Prompt = str | tuple[int, ...]
 
 
 def openai_error(exc: AdapterdError) -> dict[str, Any]:
-    return {"error": {"message": str(exc), "type": exc.error_type, "param": None, "code": exc.http_status}}
+    param = getattr(exc, "param", None)
+    return {"error": {"message": str(exc), "type": exc.error_type, "param": param, "code": exc.http_status}}
 
 
-def _params(body: dict[str, Any], max_tokens_default: int | None) -> Any:
-    for name, allowed in UNSUPPORTED_IF_SET.items():
-        if body.get(name) not in (None, allowed) and not (name == "logprobs" and body.get(name) is False):
-            raise InvalidRequest(f"{name}={body[name]!r} is not supported")
-    max_tokens = field(body, "max_completion_tokens", int) or field(
-        body, "max_tokens", int, max_tokens_default
-    )
+@dataclass(frozen=True)
+class Choices:
+    """How many choices each prompt gets and what they carry."""
+
+    n: int = 1
+    best_of: int = 1  # sampled per prompt; the n with the highest log-probability are returned
+    echo: bool = False
+    logprobs: int | None = None  # alternatives per token when log-probabilities are asked for, else None
+
+
+def _int_in(body: dict[str, Any], name: str, low: int, high: int, default: int | None = None) -> int | None:
+    value = field(body, name, int, default)
+    if value is not None and not low <= value <= high:
+        raise InvalidRequest(f"{name} must be in {low}..{high}, not {value}", param=name)
+    return value
+
+
+def _completion_choices(body: dict[str, Any]) -> Choices:
+    if body.get("suffix") is not None:
+        raise InvalidRequest("suffix is not supported", param="suffix")
+    n = _int_in(body, "n", 1, MAX_CHOICES, 1)
+    assert n is not None
+    best_of = _int_in(body, "best_of", n, MAX_CHOICES, n)
+    assert best_of is not None
+    echo = bool(field(body, "echo", bool, False))
+    if field(body, "stream", bool, False) and (echo or best_of > n):
+        raise InvalidRequest(
+            "echo and best_of are not supported when streaming", param="echo" if echo else "best_of"
+        )
+    return Choices(n, best_of, echo, _int_in(body, "logprobs", 0, MAX_LOGPROBS))
+
+
+def _chat_choices(body: dict[str, Any]) -> Choices:
+    n = _int_in(body, "n", 1, MAX_CHOICES, 1)
+    assert n is not None
+    wants = bool(field(body, "logprobs", bool, False))
+    top = _int_in(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top is not None and not wants:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    return Choices(n=n, logprobs=(top or 0) if wants else None)
+
+
+def _params(body: dict[str, Any], max_tokens_default: int, choices: Choices) -> Any:
+    max_tokens = field(body, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = field(body, "max_tokens", int, max_tokens_default)
+    if max_tokens < 0 or (max_tokens == 0 and not choices.echo):
+        raise InvalidRequest("max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
+    prompt_logprobs = choices.logprobs if choices.echo and choices.logprobs is not None else None
+    if max_tokens == 0 and prompt_logprobs is None:
+        prompt_logprobs = 0
     return sampling_params(
         max_new_tokens=max_tokens,
         temperature=field(body, "temperature", NUMBER, 1.0),
@@ -41,22 +103,62 @@ def _params(body: dict[str, Any], max_tokens_default: int | None) -> Any:
         repetition_penalty=field(body, "repetition_penalty", NUMBER),
         seed=field(body, "seed", int),
         stop=stop_list(body.get("stop")),
+        top_logprobs=choices.logprobs or 0,
+        prompt_logprobs=prompt_logprobs,
     )
+
+
+def _prompts(value: Any) -> list[Prompt]:
+    """A string, a list of strings, a list of token ids or a list of token-id lists."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and value and all(_is_token_id(t) for t in value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidRequest("prompt must be a string, a list of strings or token ids", param="prompt")
+    prompts: list[Prompt] = []
+    for i, item in enumerate(value):
+        if isinstance(item, list) and all(_is_token_id(t) for t in item):
+            item = tuple(item)
+        if not isinstance(item, str | tuple):
+            raise InvalidRequest(f"prompt[{i}] must be a string or a list of token ids", param="prompt")
+        if not item:
+            raise InvalidRequest(f"prompt[{i}] is empty", param="prompt")
+        prompts.append(item)
+    return prompts
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _model(body: dict[str, Any]) -> str:
     model = field(body, "model", str)
     if not model:
-        raise InvalidRequest("model is required: an adapter id or the base model's name")
+        raise InvalidRequest("model is required: an adapter id or the base model's name", param="model")
     return model
 
 
-def _usage(done: Completion) -> dict[str, int]:
-    generated = len(done.token_ids)
+def _requests(prompt_requests: list[GenerateRequest], count: int) -> list[GenerateRequest]:
+    """`count` independent samples of each request; with a seed, choice j is seeded `seed + j`."""
+    out = []
+    for request in prompt_requests:
+        seed = request.params.seed
+        out += [request if seed is None else request.with_params(seed=seed + j) for j in range(count)]
+    return out
+
+
+def _best(choices: list[Completion], n: int) -> list[Completion]:
+    if len(choices) == n:
+        return choices
+    return sorted(choices, key=lambda c: -sum(s.logprob or 0.0 for s in c.logprobs))[:n]
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": generated,
-        "total_tokens": done.prompt_tokens + generated,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
@@ -67,24 +169,45 @@ class OpenAIRoutes:
 
     async def completions(self, http: Request) -> Response:
         body = await json_body(http)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("prompt must be a non-empty string (one prompt per request)")
         model = _model(body)
-        request = GenerateRequest(prompt=prompt, adapter_id=model, params=_params(body, 16))
-        return await self._respond(http, body, request, model, chat=False)
+        prompts = _prompts(body.get("prompt"))
+        choices = _completion_choices(body)
+        if len(prompts) * choices.best_of > MAX_CHOICES:
+            raise InvalidRequest(f"prompts x best_of (or n) must be at most {MAX_CHOICES}", param="prompt")
+        params = _params(body, 16, choices)
+        per_prompt = [
+            GenerateRequest(prompt=p, adapter_id=model, params=params)
+            if isinstance(p, str)
+            else GenerateRequest(prompt_ids=p, adapter_id=model, params=params)
+            for p in prompts
+        ]
+        if field(body, "stream", bool, False):
+            return await self._stream(http, body, _requests(per_prompt, choices.n), model, False, choices)
+        done = await self.service.generate_all(_requests(per_prompt, choices.best_of), self.principal(http))
+        groups = [done[i : i + choices.best_of] for i in range(0, len(done), choices.best_of)]
+        rendered = [
+            self._completion_choice(i * choices.n + j, c, prompt, choices)
+            for i, (group, prompt) in enumerate(zip(groups, prompts, strict=True))
+            for j, c in enumerate(_best(group, choices.n))
+        ]
+        usage = _usage(sum(g[0].prompt_tokens for g in groups), sum(len(c.token_ids) for c in done))
+        return JSONResponse(_envelope("cmpl", "text_completion", model, rendered, usage))
 
     async def chat_completions(self, http: Request) -> Response:
         body = await json_body(http)
         model = _model(body)
+        choices = _chat_choices(body)
         request = GenerateRequest(
             messages=messages_field(body.get("messages")),
             adapter_id=model,
-            params=_params(body, CHAT_MAX_TOKENS),
+            params=_params(body, CHAT_MAX_TOKENS, choices),
         )
-        return await self._respond(http, body, request, model, chat=True)
+        if field(body, "stream", bool, False):
+            return await self._stream(http, body, _requests([request], choices.n), model, True, choices)
+        done = await self.service.generate_all(_requests([request], choices.n), self.principal(http))
+        rendered = [self._chat_choice(i, c, choices) for i, c in enumerate(done)]
+        usage = _usage(done[0].prompt_tokens, sum(len(c.token_ids) for c in done))
+        return JSONResponse(_envelope("chatcmpl", "chat.completion", model, rendered, usage))
 
     async def models(self, http: Request) -> Response:
         base = self.service.model_name
@@ -102,62 +225,69 @@ class OpenAIRoutes:
             )
         return JSONResponse({"object": "list", "data": data})
 
-    async def _respond(
-        self, http: Request, body: dict[str, Any], request: GenerateRequest, model: str, chat: bool
-    ) -> Response:
-        principal = self.principal(http)
-        if field(body, "stream", bool, False):
-            events = await first_then_rest(self.service.stream(request, principal))
-            options = field(body, "stream_options", dict, {})
-            chunks = _StreamChunks(model, chat, bool(options.get("include_usage")))
-            return sse_response(chunks.render(events), openai_error)
-        done = await self.service.generate(request, principal)
-        return JSONResponse(_response(done, model, chat))
+    def _completion_choice(self, index: int, done: Completion, prompt: Prompt, choices: Choices) -> dict:
+        echoed = (
+            (prompt if isinstance(prompt, str) else self.service.detokenize(prompt)) if choices.echo else ""
+        )
+        logprobs = None
+        if choices.logprobs is not None:
+            scores = (done.prompt_logprobs or ()) if choices.echo else ()
+            logprobs = LegacyLogprobs(self.service.token_text).render([*scores, *done.logprobs])
+        reason = FINISH_REASONS[done.finish_reason]
+        return {"index": index, "text": echoed + done.text, "finish_reason": reason, "logprobs": logprobs}
 
-
-def _response(done: Completion, model: str, chat: bool) -> dict[str, Any]:
-    reason = FINISH_REASONS[done.finish_reason]
-    if chat:
-        choice = {
-            "index": 0,
+    def _chat_choice(self, index: int, done: Completion, choices: Choices) -> dict:
+        return {
+            "index": index,
             "message": {"role": "assistant", "content": done.text},
-            "finish_reason": reason,
-            "logprobs": None,
+            "finish_reason": FINISH_REASONS[done.finish_reason],
+            "logprobs": None
+            if choices.logprobs is None
+            else chat_logprobs(self.service.token_text, done.logprobs),
         }
-    else:
-        choice = {"index": 0, "text": done.text, "finish_reason": reason, "logprobs": None}
-    return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if chat else "text_completion",
+
+    async def _stream(
+        self,
+        http: Request,
+        body: dict[str, Any],
+        requests: list[GenerateRequest],
+        model: str,
+        chat: bool,
+        choices: Choices,
+    ) -> Response:
+        events = await first_then_rest(self.service.stream_all(requests, self.principal(http)))
+        options = field(body, "stream_options", dict, {})
+        chunks = _StreamChunks(self.service, model, chat, choices, bool(options.get("include_usage")))
+        return sse_response(chunks.render(events, len(requests)), openai_error)
+
+
+def _envelope(prefix: str, kind: str, model: str, choices: list[dict], usage: dict | None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": kind,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
-        "usage": _usage(done),
+        "choices": choices,
     }
+    if usage is not None:
+        out["usage"] = usage
+    return out
 
 
 class _StreamChunks:
-    def __init__(self, model: str, chat: bool, include_usage: bool) -> None:
+    def __init__(
+        self, service: Service, model: str, chat: bool, choices: Choices, include_usage: bool
+    ) -> None:
+        self.service = service
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.model = model
         self.chat = chat
+        self.choices = choices
         self.include_usage = include_usage
         self.created = int(time.time())
+        self.legacy: dict[int, LegacyLogprobs] = {}
 
-    def chunk(self, text: str | None, finish_reason: str | None, usage: dict[str, int] | None = None) -> dict:
-        choices = []
-        if text is not None or finish_reason is not None:
-            if self.chat:
-                choices = [
-                    {
-                        "index": 0,
-                        "delta": {"content": text} if text is not None else {},
-                        "finish_reason": finish_reason,
-                        "logprobs": None,
-                    }
-                ]
-            else:
-                choices = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}]
+    def chunk(self, choices: list[dict], usage: dict[str, int] | None = None) -> dict:
         return {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -167,17 +297,45 @@ class _StreamChunks:
             **({"usage": usage} if usage is not None else {}),
         }
 
-    async def render(self, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        if self.chat:
-            first = self.chunk("", None)
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield first
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                if event.text:
-                    yield self.chunk(event.text, None)
+    def choice(self, index: int, text: str | None, reason: str | None, score: TokenLogprob | None) -> dict:
+        logprobs = None
+        if score is not None and self.choices.logprobs is not None:
+            if self.chat:
+                logprobs = chat_logprobs(self.service.token_text, [score])
             else:
-                yield self.chunk(None, FINISH_REASONS[event.finish_reason])
-                if self.include_usage:
-                    yield self.chunk(None, None, _usage(event))
+                legacy = self.legacy.setdefault(index, LegacyLogprobs(self.service.token_text))
+                logprobs = legacy.render([score])
+        if self.chat:
+            delta = {"content": text} if text is not None else {}
+            return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
+        return {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
+
+    async def render(self, events: AsyncIterator[tuple[int, Any]], num_choices: int) -> AsyncIterator[Any]:
+        if self.chat:
+            yield self.chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                        "logprobs": None,
+                    }
+                    for i in range(num_choices)
+                ]
+            )
+        prompt_tokens: dict[int, int] = {}
+        generated = 0
+        async for index, event in events:
+            if isinstance(event, TokenEvent):
+                if event.text or self.choices.logprobs is not None:
+                    score = TokenLogprob(event.token_id, event.logprob, event.top)
+                    yield self.chunk([self.choice(index, event.text, None, score)])
+            else:
+                prompt_tokens[index] = event.prompt_tokens
+                generated += len(event.token_ids)
+                yield self.chunk([self.choice(index, None, FINISH_REASONS[event.finish_reason], None)])
+        if self.include_usage:
+            # choices of one prompt share its tokens: count each distinct prompt once
+            per_prompt = {i // self.choices.n: tokens for i, tokens in prompt_tokens.items()}
+            yield self.chunk([], _usage(sum(per_prompt.values()), generated))
         yield "[DONE]"

@@ -160,6 +160,11 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Logits of each row's last real token: [B, vocab]."""
+        return self.last_logits(self.hidden_states(batch, kv), batch)
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """The decoder's output for every new token, before the final norm: [B, T, hidden]."""
         # What the LoRA op derives from the slots is made anew in every forward (a CUDA graph replays
         # that work on its static slot tensor, which changes between replays).
         batch.lora.cache.clear()
@@ -167,5 +172,14 @@ class LlamaModel(nn.Module):
         rope = self.rotary_emb(x, batch.positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, batch, kv.k[i], kv.v[i])
-        last = x[torch.arange(x.shape[0], device=x.device), batch.last_index]  # [B, hidden]
-        return self.lm_head(self.norm(last)).float()
+        return x
+
+    @torch.inference_mode()
+    def last_logits(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """x: [B, T, hidden] -> the logits of each row's last real token, [B, vocab]."""
+        return self.logits(x[torch.arange(x.shape[0], device=x.device), batch.last_index])
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] decoder outputs -> float32 logits [N, vocab]."""
+        return self.lm_head(self.norm(hidden)).float()

@@ -18,6 +18,7 @@ from transformers import BitsAndBytesConfig
 
 from adapterd.server.config import EngineConfig
 from adapterd.server.engine.engine import LLMEngine
+from adapterd.server.engine.logprobs import token_logprobs
 from adapterd.server.llm import LLM
 from adapterd.server.model.loader import Placement, load_model
 from adapterd.server.protocol import SamplingParams
@@ -106,7 +107,7 @@ def engine_logits(engine: LLMEngine, adapter, prompt: list[int], tokens: list[in
         seqs, is_prefill = engine.scheduler.schedule()
         assert seqs == [seq]
         rows.append(engine.runner.run(seqs, is_prefill)[0])
-        engine.postprocess(seqs, [token])
+        engine.postprocess(seqs, token_logprobs(rows[-1][None], torch.tensor([token]), 0))
     assert not engine.has_work
     return torch.stack(rows)
 
