@@ -182,3 +182,13 @@ def soft_prompt(peft_model: PeftModel) -> torch.Tensor:
 def _pad_token_id(model: Any) -> int:
     candidates = (model.config.pad_token_id, model.config.eos_token_id)
     return next((token_id for token_id in candidates if isinstance(token_id, int)), 0)
+
+
+def next_token_logprobs(model: Any, input_ids: Sequence[int]) -> torch.Tensor:
+    """log_softmax of the model's own forward pass over `input_ids`: row i is the distribution of the token
+    after input_ids[i], [len(input_ids), vocab]. For prompt tuning this is PEFT's forward, which puts the
+    virtual tokens in front (their rows are dropped: they are context, never scored)."""
+    ids = torch.tensor([list(input_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
+    return torch.log_softmax(logits[-len(input_ids) :], dim=-1)

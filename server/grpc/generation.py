@@ -7,13 +7,29 @@ from collections.abc import AsyncIterator
 from adapterd.server.auth import ApiKeys, Principal
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.grpc.common import rpc
-from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent, sampling_params
+from adapterd.server.protocol import (
+    Completion,
+    GenerateRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+    sampling_params,
+)
 from adapterd.server.service import Service
 from adapterd.v1 import generation_pb2 as pb
 from adapterd.v1 import generation_pb2_grpc
 
 # GenerationParameters' optional scalars, named as in SamplingParams; unset ones take its defaults.
-OPTIONAL_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+OPTIONAL_PARAMS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "seed",
+    "top_logprobs",
+    "prompt_logprobs",
+)
 
 
 def parse_params(message: pb.GenerationParameters) -> SamplingParams:
@@ -29,6 +45,10 @@ def parse_request(message: pb.GenerateRequest) -> GenerateRequest:
         if not turns:
             raise InvalidRequest("messages must hold at least one message")
         return GenerateRequest(messages=turns, adapter_id=adapter_id, params=params)
+    if message.WhichOneof("input") == "prompt_ids":
+        if not message.prompt_ids.ids:
+            raise InvalidRequest("prompt_ids must hold at least one token id")
+        return GenerateRequest(prompt_ids=tuple(message.prompt_ids.ids), adapter_id=adapter_id, params=params)
     if not message.prompt:
         raise InvalidRequest("prompt must be a non-empty string (or send messages)")
     return GenerateRequest(prompt=message.prompt, adapter_id=adapter_id, params=params)
@@ -41,6 +61,23 @@ def response(done: Completion) -> pb.GenerateResponse:
         finish_reason=done.finish_reason,
         prompt_tokens=done.prompt_tokens,
         generated_tokens=len(done.token_ids),
+        logprobs=[token_logprob(s) for s in done.logprobs],
+        prompt_logprobs=[token_logprob(s) for s in done.prompt_logprobs or ()],
+        seed=done.seed,
+    )
+
+
+def token_logprob(score: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=score.token_id, logprob=score.logprob, top=top_tokens(score.top))
+
+
+def top_tokens(top: tuple[tuple[int, float], ...]) -> list[pb.TopToken]:
+    return [pb.TopToken(token_id=i, logprob=lp) for i, lp in top]
+
+
+def token(event: TokenEvent) -> pb.Token:
+    return pb.Token(
+        token_id=event.token_id, text=event.text, logprob=event.logprob, top=top_tokens(event.top)
     )
 
 
@@ -61,7 +98,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             async for event in events:
                 if isinstance(event, TokenEvent):
-                    yield pb.GenerateStreamResponse(token=pb.Token(token_id=event.token_id, text=event.text))
+                    yield pb.GenerateStreamResponse(token=token(event))
                 else:
                     yield pb.GenerateStreamResponse(done=response(event))
         finally:

@@ -189,6 +189,7 @@ class TgiShapes:
             out["details"] = {
                 "finish_reason": FINISH_REASONS[done.finish_reason],
                 "generated_tokens": len(done.token_ids),
+                "input_length": done.prompt_tokens,
                 "prompt_tokens": done.prompt_tokens,
                 "seed": done.seed,
             }
