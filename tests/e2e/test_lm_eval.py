@@ -1,0 +1,171 @@
+"""EleutherAI's lm-evaluation-harness, unmodified, scores adapters through adapterd exactly as it scores them
+in-process: `lm_eval --model local-completions` against a real server gives the same per-choice
+log-likelihoods (within 1e-3 nats, fp32 CPU) and the same accuracy as `--model hf` with `peft=`, for a LoRA,
+a prompt-tuning adapter and the base, on a small local multiple-choice task (datasets cannot be downloaded
+here; lm-eval loads `dataset_path: json` with local files offline).
+
+A server that returned log-probabilities for generated tokens only would make lm-eval score chance with no
+error; comparing every choice's log-likelihood is what rules that out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapterd.clients import Client
+from adapterd.server.model.resolve import ResolvedModel
+from tests.e2e.serving import Server, running_server
+from tests.reference import make_lora_adapter, make_prompt_adapter
+
+pytestmark = pytest.mark.slow
+TASK = "adapterd_mc"
+LM_EVAL = str(Path(sys.executable).with_name("lm_eval"))
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+QUESTIONS = [
+    ("What is the capital of France?", ["Paris", "London", "Berlin", "Madrid"], 0),
+    ("What colour is the sky on a clear day?", ["green", "blue", "red", "brown"], 1),
+    ("How many legs does a dog have?", ["two", "six", "four", "eight"], 2),
+    ("Which animal says moo?", ["cat", "dog", "duck", "cow"], 3),
+    ("What do bees make?", ["honey", "milk", "silk", "wool"], 0),
+    ("What is frozen water called?", ["steam", "ice", "sand", "glass"], 1),
+    ("Which planet do we live on?", ["Mars", "Venus", "Earth", "Jupiter"], 2),
+    ("What is two plus two?", ["three", "five", "six", "four"], 3),
+    ("Which season is the coldest?", ["winter", "summer", "spring", "autumn"], 0),
+    ("What do you use to write on paper?", ["a spoon", "a pen", "a shoe", "a cup"], 1),
+]
+TASK_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: " "
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("lm-eval-task")
+    data = root / "mc.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS)
+    )
+    (root / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapters(default_model: ResolvedModel, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lm-eval-adapters")
+    base = default_model.path
+    return {
+        "lora": make_lora_adapter(base, root / "lora", r=8, alpha=16, target_modules="all-linear", seed=4),
+        "soft": make_prompt_adapter(base, root / "soft", num_virtual_tokens=8, seed=5),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(default_model: ResolvedModel, adapters: dict[str, Path], tmp_path_factory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("lm-eval-server")
+    with running_server(default_model.path, root / "store", root / "server.log") as running:
+        with Client(running.url) as client:
+            for name, path in adapters.items():
+                client.upload_adapter(name, path)
+        yield running
+
+
+def hf_scores(model_dir: Path, adapter: Path | None, task_dir: Path) -> tuple[float, list[list[float]]]:
+    """lm-eval's own in-process scoring: transformers, plus PEFT when `adapter` is given."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model_args = f"pretrained={model_dir},dtype=float32,device=cpu" + (f",peft={adapter}" if adapter else "")
+    os.environ.update(OFFLINE)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=[TASK],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        log_samples=True,
+        batch_size=1,
+    )
+    return _accuracy(results["results"]), _choice_scores(results["samples"][TASK])
+
+
+def served_scores(
+    server: Server, model: str, tokenizer: Path, task_dir: Path, out: Path
+) -> tuple[float, list]:
+    """The documented command: `lm_eval --model local-completions` pointed at the server."""
+    model_args = (
+        f"model={model},base_url={server.url}/v1/completions,tokenizer={tokenizer},"
+        "tokenized_requests=True,num_concurrent=4,max_retries=1"
+    )
+    command = [LM_EVAL, "--model", "local-completions", "--model_args", model_args, "--tasks", TASK]
+    command += ["--include_path", str(task_dir), "--output_path", str(out), "--log_samples"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    samples = [
+        json.loads(line) for line in next(out.rglob(f"samples_{TASK}_*.jsonl")).read_text().splitlines()
+    ]
+    return _accuracy(results["results"]), _choice_scores(samples)
+
+
+def _accuracy(results: dict[str, Any]) -> float:
+    return float(results[TASK]["acc,none"])
+
+
+def _choice_scores(samples: list[dict[str, Any]]) -> list[list[float]]:
+    """Per document (in doc order), each choice's log-likelihood."""
+    ordered = sorted(samples, key=lambda s: s["doc_id"])
+    return [[float(r[0]) for r in s["filtered_resps"]] for s in ordered]
+
+
+@pytest.mark.parametrize("adapter", ["", "lora", "soft"])
+def test_local_completions_scores_like_hf_with_peft(
+    server, default_model, adapters, task_dir, tmp_path, adapter, record_property
+):
+    model = adapter or _base_name(server)
+    served_acc, served = served_scores(server, model, default_model.path, task_dir, tmp_path / "out")
+    hf_acc, expected = hf_scores(default_model.path, adapters.get(adapter), task_dir)
+    difference = max(
+        abs(a - b)
+        for row_a, row_b in zip(served, expected, strict=True)
+        for a, b in zip(row_a, row_b, strict=True)
+    )
+    record_property(
+        "comparison",
+        {
+            "adapter": adapter or "base",
+            "served_acc": served_acc,
+            "hf_acc": hf_acc,
+            "max_abs_diff": difference,
+        },
+    )
+    print(
+        f"\nlm-eval {adapter or 'base'}: local-completions acc {served_acc:.3f}, hf acc {hf_acc:.3f}, "
+        f"max |loglikelihood difference| {difference:.2e} nats"
+    )
+    assert [len(row) for row in served] == [len(c) for _, c, _ in QUESTIONS]
+    assert difference < 1e-3
+    assert served_acc == hf_acc
+
+
+def _base_name(server: Server) -> str:
+    import httpx
+
+    return str(httpx.get(server.url + "/info").json()["model_id"])
