@@ -97,7 +97,12 @@ ERRORS = (
     ErrorRow(JobNotFound, ("job_not_found",)),
     ErrorRow(NotFound, ("not_found",), (404,), ("NOT_FOUND",)),
     ErrorRow(PayloadTooLarge, ("payload_too_large",), (413,)),
-    ErrorRow(InvalidRequest, ("invalid_request", "invalid_adapter"), (400, 422), ("INVALID_ARGUMENT",)),
+    ErrorRow(
+        InvalidRequest,
+        ("invalid_request", "invalid_adapter", "validation"),
+        (400, 422),
+        ("INVALID_ARGUMENT",),
+    ),
     ErrorRow(Unauthorized, ("unauthorized",), (401,), ("UNAUTHENTICATED",)),
     ErrorRow(PermissionDenied, ("forbidden", "permission_denied"), (403,), ("PERMISSION_DENIED",)),
     ErrorRow(Overloaded, ("overloaded",), (429,), ("RESOURCE_EXHAUSTED",)),

@@ -86,9 +86,16 @@ class GenerateRequest:
         if given != 1:
             raise ValueError("give exactly one of prompt, messages or prompt_ids")
 
-    def with_params(self, **changes: Any) -> GenerateRequest:
-        """The same request with some sampling parameters changed (one choice of n, say)."""
-        return dataclasses.replace(self, params=dataclasses.replace(self.params, **changes))
+    def samples(self, count: int) -> list[GenerateRequest]:
+        """`count` independent samples of this request (OpenAI's n, TGI's best_of); with a seed, sample j is
+        seeded `seed + j`, so each can be repeated alone."""
+        seed = self.params.seed
+        if seed is None:
+            return [self] * count
+        return [
+            dataclasses.replace(self, params=dataclasses.replace(self.params, seed=seed + j))
+            for j in range(count)
+        ]
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ class GenerateRoutes:
 
     async def _generate(self, http: Request, body: dict[str, Any]) -> dict[str, Any]:
         parsed = parse(body, http.path_params.get("adapter_id"))
-        requests = [parsed.request] * parsed.best_of
+        requests = parsed.request.samples(parsed.best_of)
         choices = await self.service.generate_all(requests, self.principal(http))
         return self.shapes.response(choices, parsed)
 

@@ -91,7 +91,7 @@ def _params(body: dict[str, Any], max_tokens_default: int, choices: Choices) -> 
     if max_tokens is None:
         max_tokens = field(body, "max_tokens", int, max_tokens_default)
     if max_tokens < 0 or (max_tokens == 0 and not choices.echo):
-        raise InvalidRequest("max_tokens must be >= 1 (0 only with echo)", param="max_tokens")
+        raise InvalidRequest("max_tokens (max_new_tokens) must be >= 1; 0 only with echo", param="max_tokens")
     prompt_logprobs = choices.logprobs if choices.echo and choices.logprobs is not None else None
     if max_tokens == 0 and prompt_logprobs is None:
         prompt_logprobs = 0
@@ -140,12 +140,7 @@ def _model(body: dict[str, Any]) -> str:
 
 
 def _requests(prompt_requests: list[GenerateRequest], count: int) -> list[GenerateRequest]:
-    """`count` independent samples of each request; with a seed, choice j is seeded `seed + j`."""
-    out = []
-    for request in prompt_requests:
-        seed = request.params.seed
-        out += [request if seed is None else request.with_params(seed=seed + j) for j in range(count)]
-    return out
+    return [sample for request in prompt_requests for sample in request.samples(count)]
 
 
 def _best(choices: list[Completion], n: int) -> list[Completion]:

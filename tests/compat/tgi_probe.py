@@ -40,6 +40,12 @@ def lorax_calls(args: dict[str, Any]) -> dict[str, Any]:
     out["best_of"] = client.generate(
         prompt, adapter_id="lora", max_new_tokens=n, do_sample=True, best_of=2
     ).model_dump(mode="json")
+    # The client posts streams to its base URL (POST / with "stream": true); aimed at /generate_stream, the
+    # same parsing covers that route's events.
+    on_route = Client(f"{args['url']}/generate_stream").generate_stream(
+        prompt, adapter_id="lora", max_new_tokens=n
+    )
+    out["stream_route"] = [event.model_dump(mode="json") for event in on_route]
     out["unknown"] = error_name(lambda: client.generate(prompt, adapter_id=UNKNOWN, max_new_tokens=2))
     out["invalid"] = error_name(lambda: client.generate(prompt, max_new_tokens=2, typical_p=0.5))
     return out
@@ -60,6 +66,8 @@ def text_generation_calls(args: dict[str, Any]) -> dict[str, Any]:
             "stream": [event.model_dump(mode="json") for event in stream],
         }
     base = Client(args["url"])
+    on_route = Client(f"{args['url']}/models/lora/generate_stream").generate_stream(prompt, max_new_tokens=n)
+    out["stream_route"] = [event.model_dump(mode="json") for event in on_route]
     out["best_of"] = base.generate(prompt, max_new_tokens=n, do_sample=True, best_of=2).model_dump(
         mode="json"
     )

@@ -100,6 +100,15 @@ def test_tgi_clients_stream(tgi_results, expected, compat_tokenizer, package, ad
 
 
 @pytest.mark.parametrize("package", ["lorax", "text_generation"])
+def test_tgi_clients_parse_the_generate_stream_route(tgi_results, expected, package):
+    events = tgi_results[package]["stream_route"]
+    assert [e["token"]["id"] for e in events] == expected["lora"]
+    assert events[-1]["details"]["finish_reason"] in ("length", "eos_token")
+    texts = [e["token"]["text"] for e in tgi_results[package]["lora"]["stream"]]
+    assert [e["token"]["text"] for e in events] == texts
+
+
+@pytest.mark.parametrize("package", ["lorax", "text_generation"])
 def test_tgi_clients_best_of_and_errors(tgi_results, package):
     result = tgi_results[package]
     details = result["best_of"]["details"]
