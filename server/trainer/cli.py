@@ -109,16 +109,43 @@ async def serve(args: argparse.Namespace, store: JobStore, base: Base, keys: Api
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="JSONL: prompt/completion or messages")
-    parser.add_argument("--adapter-id", help="the adapter to score (default: the base model)")
-    parser.add_argument("--server", default="http://127.0.0.1:8080", help="the adapterd server's HTTP URL")
+    tasks = parser.add_argument_group("lm-evaluation-harness tasks (--tasks)")
+    tasks.add_argument("--tasks", help="lm-eval task names or local task names, comma-separated")
+    tasks.add_argument("--adapters", help="adapter ids (with --server), or ID=PATH / PEFT directories")
+    tasks.add_argument("--base", action="store_true", help="score the base model too (the default alone)")
+    tasks.add_argument("--limit", type=int, help="documents per task (for a quick look)")
+    tasks.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (the task's default)")
+    tasks.add_argument("--include-path", type=Path, help="a directory of local task YAML files")
+    tasks.add_argument(
+        "--model", default="default", help="the base model (with --server: its tokenizer only)"
+    )
+    tasks.add_argument("--tokenizer", help="the base model's Hugging Face directory (default: --model's)")
+    tasks.add_argument("--quantize", default="auto", help="in-process engine: auto|nf4|int8|none")
+    tasks.add_argument("--device", default="auto", help="in-process engine: auto|cuda|cpu")
+    held_out = parser.add_argument_group("a held-out JSONL file (--data): exact match and ROUGE")
+    held_out.add_argument("--data", type=Path, help="JSONL: prompt/completion or messages")
+    held_out.add_argument("--adapter-id", help="the adapter to score (default: the base model)")
+    parser.add_argument(
+        "--server",
+        help="an adapterd server's HTTP URL (--data: default http://127.0.0.1:8080; --tasks: "
+        "without it an in-process engine runs)",
+    )
     parser.add_argument("--api-key", default=env_api_key(), help="API key (default: $ADAPTERD_API_KEY)")
-    parser.add_argument("--out", type=Path, help="write each example's prediction here (JSONL)")
+    parser.add_argument("--out", type=Path, help="--data: each prediction (JSONL); --tasks: a directory")
 
 
 def eval_command(args: argparse.Namespace) -> int:
     from adapterd.server.errors import AdapterdError
 
+    if args.tasks:
+        from adapterd.server.evaluation.compare import tasks_command
+
+        return tasks_command(args)
+    if not args.data:
+        print(
+            "adapterd eval: give --tasks (lm-eval tasks) or --data (a held-out JSONL file)", file=sys.stderr
+        )
+        return 2
     try:
         scores = asyncio.run(_evaluate(args))
     except (AdapterdError, OSError) as exc:
@@ -135,7 +162,7 @@ async def _evaluate(args: argparse.Namespace) -> dict[str, object]:
 
     with args.data.open("rb") as lines:
         examples = read_examples(lines, str(args.data))
-    server = ServerClient(args.server, args.api_key)
+    server = ServerClient(args.server or "http://127.0.0.1:8080", args.api_key)
     try:
         scores, predictions = await evaluate_remote(server, examples, args.adapter_id)
     finally:

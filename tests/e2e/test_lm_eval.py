@@ -135,34 +135,65 @@ def _choice_scores(samples: list[dict[str, Any]]) -> list[list[float]]:
     return [[float(r[0]) for r in s["filtered_resps"]] for s in ordered]
 
 
+@pytest.fixture(scope="module")
+def hf_reference(default_model, adapters, task_dir) -> dict[str, tuple[float, list[list[float]]]]:
+    """lm-eval's `hf` model (+ `peft=`) on the task, by adapter ("" the base)."""
+    return {a: hf_scores(default_model.path, adapters.get(a), task_dir) for a in ("", "lora", "soft")}
+
+
+def max_difference(rows: list[list[float]], expected: list[list[float]]) -> float:
+    assert [len(row) for row in rows] == [len(row) for row in expected] == [len(c) for _, c, _ in QUESTIONS]
+    return max(abs(a - b) for r, e in zip(rows, expected, strict=True) for a, b in zip(r, e, strict=True))
+
+
 @pytest.mark.parametrize("adapter", ["", "lora", "soft"])
 def test_local_completions_scores_like_hf_with_peft(
-    server, default_model, adapters, task_dir, tmp_path, adapter, record_property
+    server, default_model, hf_reference, task_dir, tmp_path, adapter
 ):
     model = adapter or _base_name(server)
     served_acc, served = served_scores(server, model, default_model.path, task_dir, tmp_path / "out")
-    hf_acc, expected = hf_scores(default_model.path, adapters.get(adapter), task_dir)
-    difference = max(
-        abs(a - b)
-        for row_a, row_b in zip(served, expected, strict=True)
-        for a, b in zip(row_a, row_b, strict=True)
-    )
-    record_property(
-        "comparison",
-        {
-            "adapter": adapter or "base",
-            "served_acc": served_acc,
-            "hf_acc": hf_acc,
-            "max_abs_diff": difference,
-        },
-    )
+    hf_acc, expected = hf_reference[adapter]
+    difference = max_difference(served, expected)
     print(
-        f"\nlm-eval {adapter or 'base'}: local-completions acc {served_acc:.3f}, hf acc {hf_acc:.3f}, "
+        f"\nlm-eval local-completions {adapter or 'base'}: acc {served_acc:.3f}, hf acc {hf_acc:.3f}, "
         f"max |loglikelihood difference| {difference:.2e} nats"
     )
-    assert [len(row) for row in served] == [len(c) for _, c, _ in QUESTIONS]
     assert difference < 1e-3
     assert served_acc == hf_acc
+
+
+def test_the_adapterd_backend_scores_all_models_in_one_pass_like_hf(
+    default_model, adapters, hf_reference, task_dir
+):
+    """lm-eval's tasks on adapterd's in-process engine: the base and both adapters fanned out together."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from adapterd.server.evaluation.backends import LocalBackend
+    from adapterd.server.evaluation.harness import AdapterdLM
+    from adapterd.server.llm import LLM
+
+    models = [None, "lora", "soft"]
+    with LLM(model=str(default_model.path), quantize="none", device="cpu") as llm:
+        for name, path in adapters.items():
+            llm.add_adapter(name, path)
+        backend, cache = LocalBackend(llm), {}
+        for model in models:
+            lm = AdapterdLM(backend, model, fan_out=models, cache=cache)
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=[TASK], task_manager=TaskManager(include_path=str(task_dir)), log_samples=True
+            )
+            if model is None:  # the first run answered every model's requests
+                assert len(cache) == len(models) * sum(len(c) for _, c, _ in QUESTIONS)
+            hf_acc, expected = hf_reference[model or ""]
+            difference = max_difference(_choice_scores(out["samples"][TASK]), expected)
+            acc = _accuracy(out["results"])
+            print(
+                f"\nadapterd backend {model or 'base'}: acc {acc:.3f}, hf acc {hf_acc:.3f}, "
+                f"max |loglikelihood difference| {difference:.2e} nats"
+            )
+            assert difference < 1e-3
+            assert acc == hf_acc
 
 
 def _base_name(server: Server) -> str:

@@ -1,0 +1,139 @@
+"""`adapterd eval --tasks`: lm-evaluation-harness tasks for the base and many adapters in one continuous batch.
+
+    adapterd eval --tasks TASK[,TASK...] --adapters ID[,ID...] [--base] [--server URL --tokenizer DIR]
+                  [--model default|PATH] [--limit N] [--num-fewshot K] [--include-path DIR] [--out DIR]
+
+With `--server`, adapters are ids registered there; without it, an in-process engine loads `--model` and each
+adapter is `ID=PATH` (or a PEFT directory, named by its folder). The table shows each metric with its
+standard error; `--out` gets `results.json` (lm-eval's results per model, and the run's own figures).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """lm-eval's results for each model (BASE or an adapter id), from one shared pass through the engine."""
+
+    results: dict[str, dict[str, Any]]  # model -> lm-eval's results["results"]
+    wall_s: float
+
+    def table(self) -> str:
+        rows = [("task", "metric", *self.results)]
+        for task in next(iter(self.results.values())):
+            for metric in _metrics(self.results, task):
+                cells = [_cell(self.results[m].get(task, {}), metric) for m in self.results]
+                rows.append((task, metric, *cells))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"results": self.results, "adapterd": {"models": list(self.results), "wall_s": self.wall_s}}
+
+
+def _metrics(results: dict[str, dict[str, Any]], task: str) -> list[str]:
+    first = next(iter(results.values()))[task]
+    return [k for k in first if "," in k and "_stderr" not in k and isinstance(first[k], int | float)]
+
+
+def _cell(task_results: dict[str, Any], metric: str) -> str:
+    value = task_results.get(metric)
+    if not isinstance(value, int | float):
+        return "-"
+    name, _, filter_name = metric.partition(",")
+    stderr = task_results.get(f"{name}_stderr,{filter_name}")
+    return f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, int | float) else f"{value:.4f}"
+
+
+def compare(
+    backend: Any,
+    tasks: list[str],
+    adapters: list[str],
+    include_base: bool,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    include_path: Path | None = None,
+) -> Comparison:
+    """Evaluate every model on `tasks`; the first run answers every model's requests together."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise RuntimeError("lm-evaluation-harness is not installed: pip install 'adapterd[eval]'") from exc
+
+    from adapterd.server.evaluation.harness import AdapterdLM
+
+    models: list[str | None] = ([None] if include_base else []) + list(adapters)
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    cache: dict[Any, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    for model in models:
+        lm = AdapterdLM(backend, model, fan_out=models, cache=cache)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot
+        )
+        results[model or BASE] = out["results"]
+    return Comparison(results, time.perf_counter() - started)
+
+
+def open_backend(args: Any) -> tuple[Any, list[str], Any]:
+    """(the backend, the adapter ids to score, what to close afterwards) for `adapterd eval --tasks`."""
+    from adapterd.server.config import default_cache_dir
+    from adapterd.server.evaluation.backends import LocalBackend, ServerBackend
+    from adapterd.server.model.resolve import resolve_model
+
+    entries = [a for a in (args.adapters or "").split(",") if a]
+    if args.server:
+        from transformers import AutoTokenizer
+
+        tokenizer_dir = args.tokenizer or resolve_model(args.model, default_cache_dir()).path
+        backend = ServerBackend(args.server, AutoTokenizer.from_pretrained(tokenizer_dir), args.api_key)
+        return backend, entries, None
+    from adapterd.server.llm import LLM
+
+    llm = LLM(model=args.model, quantize=args.quantize, device=args.device)
+    ids = []
+    for entry in entries:
+        adapter_id, _, path = entry.rpartition("=") if "=" in entry else (Path(entry).name, "", entry)
+        llm.add_adapter(adapter_id, path)
+        ids.append(adapter_id)
+    return LocalBackend(llm), ids, llm
+
+
+def tasks_command(args: Any) -> int:
+    """`adapterd eval --tasks ...`: print the table, write `--out DIR/results.json`; exit 1 on an error."""
+    import sys
+
+    closing: Any = None
+    try:
+        backend, adapters, closing = open_backend(args)
+        comparison = compare(
+            backend,
+            [t for t in args.tasks.split(",") if t],
+            adapters,
+            include_base=args.base or not adapters,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            include_path=args.include_path,
+        )
+    except Exception as exc:  # lm-eval's own errors (unknown task, bad YAML) are plain exceptions
+        print(f"adapterd eval: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if closing is not None:
+            closing.close()
+    print(comparison.table())
+    print(f"({len(comparison.results)} models in {comparison.wall_s:.1f} s)")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(comparison.to_json(), indent=2, default=str))
+    return 0
