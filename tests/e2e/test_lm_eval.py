@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,6 +41,36 @@ QUESTIONS = [
     ("Which season is the coldest?", ["winter", "summer", "spring", "autumn"], 0),
     ("What do you use to write on paper?", ["a spoon", "a pen", "a shoe", "a cup"], 1),
 ]
+GEN_TASK = "adapterd_gen"
+GEN_QUESTIONS = [
+    ("What is the capital of France?", "Paris"),
+    ("What colour is grass?", "Green"),
+    ("How many days are in a week?", "Seven"),
+    ("What is the opposite of hot?", "Cold"),
+    ("Which animal barks?", "A dog"),
+    ("What do cows drink?", "Water"),
+]
+UNTIL = ["\n", "."]
+MAX_GEN_TOKS = 12
+GEN_TASK_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: {max_gen_toks}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    regexes_to_ignore: [" "]
+    ignore_case: true
+"""
 TASK_YAML = """\
 task: {task}
 dataset_path: json
@@ -65,6 +96,10 @@ def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUESTIONS)
     )
     (root / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    gen_data = root / "gen.jsonl"
+    gen_data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GEN_QUESTIONS))
+    gen_yaml = GEN_TASK_YAML.format(task=GEN_TASK, data=gen_data, max_gen_toks=MAX_GEN_TOKS)
+    (root / f"{GEN_TASK}.yaml").write_text(gen_yaml)
     return root
 
 
@@ -200,3 +235,83 @@ def _base_name(server: Server) -> str:
     import httpx
 
     return str(httpx.get(server.url + "/info").json()["model_id"])
+
+
+def test_generation_tasks_answer_pefts_greedy_text(default_model, adapters, task_dir):
+    """generate_until through the in-process engine (all models fanned out) gives PEFT's greedy answers, cut
+    at the task's `until` (prompt tuning: PEFT's forward passes, not its generate())."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from adapterd.server.evaluation.backends import LocalBackend
+    from adapterd.server.evaluation.harness import AdapterdLM
+    from adapterd.server.llm import LLM
+    from tests.reference import greedy_forward, load_base, load_peft
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model.path)
+    models = [None, "lora", "soft"]
+    answers: dict[str | None, list[str]] = {}
+    with LLM(model=str(default_model.path), quantize="none", device="cpu") as llm:
+        for name, path in adapters.items():
+            llm.add_adapter(name, path)
+        backend, cache = LocalBackend(llm), {}
+        manager = TaskManager(include_path=str(task_dir))
+        for model in models:
+            lm = AdapterdLM(backend, model, fan_out=models, cache=cache)
+            out = lm_eval.simple_evaluate(model=lm, tasks=[GEN_TASK], task_manager=manager, log_samples=True)
+            samples = sorted(out["samples"][GEN_TASK], key=lambda s: s["doc_id"])
+            answers[model] = [s["resps"][0][0] for s in samples]
+    for model in models:
+        reference = (
+            load_base(default_model.path) if model is None else load_peft(default_model.path, adapters[model])
+        )
+        for (question, _), answer in zip(GEN_QUESTIONS, answers[model], strict=True):
+            ids = tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=False).input_ids
+            text = tokenizer.decode(
+                greedy_forward(reference, ids, MAX_GEN_TOKS, tokenizer.eos_token_id), skip_special_tokens=True
+            )
+            for stop in UNTIL:
+                text = text.split(stop)[0]
+            assert answer == text, (model, question)
+    assert answers[None] != answers["lora"]  # the adapters change the answers: the comparison means something
+
+
+def run_eval(*args: str) -> subprocess.CompletedProcess[str]:
+    adapterd = str(Path(sys.executable).with_name("adapterd"))
+    env = {**os.environ, **OFFLINE}
+    return subprocess.run([adapterd, "eval", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_adapterd_eval_compares_models_through_a_server(
+    server, default_model, hf_reference, task_dir, tmp_path
+):
+    common = ["--server", server.url, "--tokenizer", str(default_model.path), "--include-path", str(task_dir)]
+    done = run_eval(
+        "--tasks", f"{TASK},{GEN_TASK}", "--adapters", "lora,soft", "--base", *common, "--out", str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = done.stdout.splitlines()[0].split()
+    assert header == ["task", "metric", "base", "lora", "soft"]
+    assert "acc,none" in done.stdout and "exact_match,none" in done.stdout and "±" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    for model, adapter in (("base", ""), ("lora", "lora"), ("soft", "soft")):
+        assert results[model][TASK]["acc,none"] == hf_reference[adapter][0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "no_such_task"], "no_such_task"),
+        (["--tasks", TASK, "--adapters", "no-such-adapter"], "no-such-adapter"),
+        (["--tasks", "broken"], "broken"),
+    ],
+)
+def test_adapterd_eval_refuses_clearly(server, default_model, task_dir, tmp_path, args, message):
+    include = tmp_path / "tasks"
+    shutil.copytree(task_dir, include)
+    (include / "broken.yaml").write_text("task: broken\noutput_type: [not, a, type\n")
+    common = ["--server", server.url, "--tokenizer", str(default_model.path), "--include-path", str(include)]
+    done = run_eval(*args, *common)
+    assert done.returncode == 1
+    assert message in done.stderr and "Traceback" not in done.stderr
