@@ -8,13 +8,17 @@ and generate from token ids until a stop. Many requests, for many adapters, go t
 from __future__ import annotations
 
 import asyncio
+import statistics
+import time
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
 
-from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams
+from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
 
 SERVER_BATCH = 16  # prompts per /v1/completions request
 SERVER_CONCURRENCY = 8  # requests in flight: enough for the server's continuous batch to fill
@@ -42,9 +46,28 @@ class GenerationRequest:
 Score = tuple[float, bool]  # (log-likelihood, whether every scored token was the greedy choice)
 
 
+@dataclass
+class ModelStats:
+    """What one model's requests cost during a run (HELM's efficiency figures)."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds from submission to answer, per request
+    generated_tokens: int = 0
+
+    def summary(self, wall_s: float) -> dict[str, float]:
+        ordered = sorted(self.latencies) or [0.0]
+        return {
+            "requests": len(self.latencies),
+            "generated_tokens": self.generated_tokens,
+            "generated_tokens_per_s": self.generated_tokens / wall_s if wall_s else 0.0,
+            "latency_mean_s": statistics.fmean(ordered),
+            "latency_p95_s": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
+        }
+
+
 class Backend(Protocol):
     tokenizer: Any
     max_length: int
+    stats: dict[str | None, ModelStats]
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Score]: ...
 
@@ -58,10 +81,11 @@ class LocalBackend:
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.max_length = llm.engine.context_limit
+        self.stats: dict[str | None, ModelStats] = defaultdict(ModelStats)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         params = SamplingParams(max_new_tokens=0, prompt_logprobs=1)
-        done = self.llm.generate(
+        done = self._run(
             [
                 GenerateRequest(prompt_ids=r.token_ids, adapter_id=r.adapter_id, params=params)
                 for r in requests
@@ -70,7 +94,7 @@ class LocalBackend:
         return [_score(c, r.num_scored) for c, r in zip(done, requests, strict=True)]
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
-        done = self.llm.generate(
+        done = self._run(
             [
                 GenerateRequest(
                     prompt_ids=r.token_ids,
@@ -81,6 +105,31 @@ class LocalBackend:
             ]
         )
         return [c.text for c in done]
+
+    def _run(self, requests: list[GenerateRequest]) -> list[Completion]:
+        """Submit every request at once (they share the continuous batch); the answers, in order."""
+        started = time.perf_counter()
+        futures: list[Future[tuple[Completion, float]]] = []
+        for request in requests:
+            future: Future[tuple[Completion, float]] = Future()
+            self.llm.submit(request, _timed_sink(future))
+            futures.append(future)
+        answers = []
+        for request, future in zip(requests, futures, strict=True):
+            done, finished = future.result()
+            stats = self.stats[request.adapter_id]
+            stats.latencies.append(finished - started)
+            stats.generated_tokens += len(done.token_ids)
+            answers.append(done)
+        return answers
+
+
+def _timed_sink(future: Future[tuple[Completion, float]]) -> Any:
+    def sink(event: TokenEvent | Completion) -> None:
+        if isinstance(event, Completion):
+            future.set_result((event, time.perf_counter()))
+
+    return sink
 
 
 def _score(done: Completion, num_scored: int) -> Score:
@@ -99,6 +148,7 @@ class ServerBackend:
         self.tokenizer = tokenizer
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
+        self.stats: dict[str | None, ModelStats] = defaultdict(ModelStats)
         info = httpx.get(f"{self.url}/info", headers=self.headers, timeout=30).json()
         self.base_name = str(info["model_id"])
         self.max_length = int(info["max_total_tokens"])

@@ -23,8 +23,9 @@ BASE = "base"
 class Comparison:
     """lm-eval's results for each model (BASE or an adapter id), from one shared pass through the engine."""
 
-    results: dict[str, dict[str, Any]]  # model -> lm-eval's results["results"]
+    results: dict[str, dict[str, Any]]  # model -> lm-eval's results["results"] (+ "ece,none")
     wall_s: float
+    efficiency: dict[str, dict[str, float]]  # model -> its requests, tokens/s and latencies during the run
 
     def table(self) -> str:
         rows = [("task", "metric", *self.results)]
@@ -32,11 +33,25 @@ class Comparison:
             for metric in _metrics(self.results, task):
                 cells = [_cell(self.results[m].get(task, {}), metric) for m in self.results]
                 rows.append((task, metric, *cells))
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows)
+        return _aligned(rows)
 
     def to_json(self) -> dict[str, Any]:
-        return {"results": self.results, "adapterd": {"models": list(self.results), "wall_s": self.wall_s}}
+        run = {"models": list(self.results), "wall_s": self.wall_s, "efficiency": self.efficiency}
+        return {"results": self.results, "adapterd": run}
+
+    def efficiency_table(self) -> str:
+        rows: list[tuple[Any, ...]] = [("model", "requests", "generated tok/s", "latency mean / p95 (s)")]
+        for model, e in self.efficiency.items():
+            latency = f"{e['latency_mean_s']:.3f} / {e['latency_p95_s']:.3f}"
+            rows.append((model, f"{e['requests']:.0f}", f"{e['generated_tokens_per_s']:.1f}", latency))
+        return _aligned(rows)
+
+
+def _aligned(rows: list[tuple[Any, ...]]) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def _metrics(results: dict[str, dict[str, Any]], task: str) -> list[str]:
@@ -79,10 +94,29 @@ def compare(
     for model in models:
         lm = AdapterdLM(backend, model, fan_out=models, cache=cache)
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=True,
         )
-        results[model or BASE] = out["results"]
-    return Comparison(results, time.perf_counter() - started)
+        results[model or BASE] = with_calibration(out["results"], out["samples"])
+    wall_s = time.perf_counter() - started
+    efficiency = {model or BASE: backend.stats[model].summary(wall_s) for model in models}
+    return Comparison(results, wall_s, efficiency)
+
+
+def with_calibration(results: dict[str, Any], samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """lm-eval's results with `ece,none` added to each multiple-choice task."""
+    from adapterd.server.evaluation.calibration import expected_calibration_error
+
+    out = {task: dict(values) for task, values in results.items()}
+    for task, task_samples in samples.items():
+        ece = expected_calibration_error(task_samples)
+        if ece is not None and task in out:
+            out[task]["ece,none"] = ece
+    return out
 
 
 def open_backend(args: Any) -> tuple[Any, list[str], Any]:
@@ -132,7 +166,8 @@ def tasks_command(args: Any) -> int:
         if closing is not None:
             closing.close()
     print(comparison.table())
-    print(f"({len(comparison.results)} models in {comparison.wall_s:.1f} s)")
+    print(f"\n{len(comparison.results)} models in {comparison.wall_s:.1f} s, one continuous batch:")
+    print(comparison.efficiency_table())
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(comparison.to_json(), indent=2, default=str))
