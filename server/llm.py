@@ -146,13 +146,20 @@ class LLM:
         finally:
             handle.cancel()
 
+    def submit_all(self, requests: list[GenerateRequest], sinks: list[EventSink]) -> list[RequestHandle]:
+        """Queue requests together: all are prepared first (a bad one raises before any is queued), then
+        handed to the engine thread in one go, so they enter its batch at the same step."""
+        prepared = [self.prepare(request) for request in requests]
+        queued = [self.enqueue(p, sink) for p, sink in zip(prepared, sinks, strict=True)]
+        for seq, _ in queued:
+            seq.result()  # surfaces a refusal from the engine thread as an exception here
+        return [handle for _, handle in queued]
+
     def generate(self, requests: Iterable[GenerateRequest]) -> list[Completion]:
         """Run requests together in one continuous batch; results in input order."""
-        futures: list[Future[Completion]] = []
-        for request in requests:
-            future: Future[Completion] = Future()
-            futures.append(future)
-            self.submit(request, _completion_sink(future))
+        requests = list(requests)
+        futures: list[Future[Completion]] = [Future() for _ in requests]
+        self.submit_all(requests, [_completion_sink(f) for f in futures])
         return [f.result() for f in futures]
 
     def close(self) -> None:

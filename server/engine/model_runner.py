@@ -39,22 +39,25 @@ class ModelRunner:
         return self.model(batch, self.kv)
 
     def _run_scoring_prompts(self, seqs: list[Sequence], batch: ForwardBatch) -> torch.Tensor:
-        """A prefill that also scores the prompt tokens of the rows that asked (only theirs)."""
+        """A prefill that also scores the prompt tokens of the rows that asked (only theirs), all of them
+        through the LM head together. Prompt token i (i >= 1) is predicted at position num_virtual + i - 1,
+        so a soft prompt's virtual tokens are context, never scored."""
         x = self.model.hidden_states(batch, self.kv)  # [B, T, hidden]
-        for row, seq in enumerate(seqs):
-            if seq.needs_prompt_scores:
-                seq.prompt_logprobs = self._prompt_scores(seq, x[row])
+        asking = [(row, seq) for row, seq in enumerate(seqs) if seq.needs_prompt_scores]
+        hidden = torch.cat(
+            [x[row, s.num_virtual : s.num_virtual + len(s.prompt_ids) - 1] for row, s in asking]
+        )
+        targets = torch.tensor(
+            [t for _, s in asking for t in s.prompt_ids[1:]], dtype=torch.long, device=x.device
+        )
+        k = max(s.params.prompt_logprobs or 0 for _, s in asking)
+        scored = score_hidden(self.model.logits, hidden, targets, k)
+        start = 0
+        for _, seq in asking:
+            end = start + len(seq.prompt_ids) - 1
+            seq.prompt_logprobs = [TokenLogprob(seq.prompt_ids[0], None), *_top(scored[start:end], seq)]
+            start = end
         return self.model.last_logits(x, batch)
-
-    def _prompt_scores(self, seq: Sequence, x: torch.Tensor) -> list[TokenLogprob]:
-        """x: [T, hidden] of a row prefilled from position 0. Prompt token i (i >= 1) is predicted at
-        position num_virtual + i - 1, so a soft prompt's virtual tokens are context, never scored."""
-        assert seq.params.prompt_logprobs is not None
-        prompt = seq.prompt_ids
-        hidden = x[seq.num_virtual : seq.num_virtual + len(prompt) - 1]
-        targets = torch.tensor(prompt[1:], dtype=torch.long, device=x.device)
-        scored = score_hidden(self.model.logits, hidden, targets, seq.params.prompt_logprobs)
-        return [TokenLogprob(prompt[0], None), *scored]
 
     def build_batch(self, seqs: list[Sequence], is_prefill: bool) -> ForwardBatch:
         return self.host_batch(seqs, is_prefill).to(self.device)
@@ -114,3 +117,9 @@ class ModelRunner:
         return [
             self.adapters.slot_of(s.adapter) if s.adapter and s.adapter.is_lora == lora else -1 for s in seqs
         ]
+
+
+def _top(scored: list[TokenLogprob], seq: Sequence) -> list[TokenLogprob]:
+    """Each score with only as many alternatives as this sequence asked for."""
+    k = seq.params.prompt_logprobs or 0
+    return [TokenLogprob(t.token_id, t.logprob, t.top[:k]) for t in scored]

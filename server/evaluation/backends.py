@@ -109,11 +109,8 @@ class LocalBackend:
     def _run(self, requests: list[GenerateRequest]) -> list[Completion]:
         """Submit every request at once (they share the continuous batch); the answers, in order."""
         started = time.perf_counter()
-        futures: list[Future[tuple[Completion, float]]] = []
-        for request in requests:
-            future: Future[tuple[Completion, float]] = Future()
-            self.llm.submit(request, _timed_sink(future))
-            futures.append(future)
+        futures: list[Future[tuple[Completion, float]]] = [Future() for _ in requests]
+        self.llm.submit_all(requests, [_timed_sink(f) for f in futures])
         answers = []
         for request, future in zip(requests, futures, strict=True):
             done, finished = future.result()

@@ -5,7 +5,8 @@
 
 With `--server`, adapters are ids registered there; without it, an in-process engine loads `--model` and each
 adapter is `ID=PATH` (or a PEFT directory, named by its folder). The table shows each metric with its
-standard error; `--out` gets `results.json` (lm-eval's results per model, and the run's own figures).
+standard error; `--out` gets `results.json` (lm-eval's results per model, and the run's own figures) and one
+bar chart per task (base vs each adapter, error bars: the standard error), as PNG and SVG.
 """
 
 from __future__ import annotations
@@ -169,6 +170,10 @@ def tasks_command(args: Any) -> int:
     print(f"\n{len(comparison.results)} models in {comparison.wall_s:.1f} s, one continuous batch:")
     print(comparison.efficiency_table())
     if args.out:
+        from adapterd.server.evaluation.charts import write_charts
+
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(comparison.to_json(), indent=2, default=str))
+        charts = write_charts(comparison.results, args.out)
+        print(f"wrote {args.out / 'results.json'} and {len(charts)} charts")
     return 0

@@ -294,6 +294,9 @@ def test_adapterd_eval_compares_models_through_a_server(
     header = done.stdout.splitlines()[0].split()
     assert header == ["task", "metric", "base", "lora", "soft"]
     assert "acc,none" in done.stdout and "exact_match,none" in done.stdout and "±" in done.stdout
+    for task in (TASK, GEN_TASK):  # one chart per task, PNG and SVG
+        assert (tmp_path / f"{task}.png").read_bytes().startswith(b"\x89PNG")
+        assert "<svg" in (tmp_path / f"{task}.svg").read_text()
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     for model, adapter in (("base", ""), ("lora", "lora"), ("soft", "soft")):
         assert results[model][TASK]["acc,none"] == hf_reference[adapter][0]
