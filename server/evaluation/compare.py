@@ -77,6 +77,7 @@ def compare(
     limit: int | None = None,
     num_fewshot: int | None = None,
     include_path: Path | None = None,
+    task_manager: Any = None,
 ) -> Comparison:
     """Evaluate every model on `tasks`; the first run answers every model's requests together."""
     try:
@@ -88,7 +89,8 @@ def compare(
     from adapterd.server.evaluation.harness import AdapterdLM
 
     models: list[str | None] = ([None] if include_base else []) + list(adapters)
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    # Indexing lm-eval's task files takes seconds: callers comparing several times pass one manager.
+    manager = task_manager or TaskManager(include_path=str(include_path) if include_path else None)
     cache: dict[Any, Any] = {}
     results: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
