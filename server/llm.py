@@ -129,8 +129,7 @@ class LLM:
 
     def submit(self, request: GenerateRequest, sink: EventSink) -> RequestHandle:
         """Queue a request; events arrive on `sink` from the engine thread. Errors raise here."""
-        seq, handle = self.enqueue(self.prepare(request), sink)
-        seq.result()  # surfaces a refusal from the engine thread as an exception here
+        [handle] = self.submit_all([request], [sink])
         return handle
 
     def stream(self, request: GenerateRequest) -> Iterator[TokenEvent | Completion]:

@@ -133,3 +133,8 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per generated token
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token, when asked for
     seed: int | None = None  # the sampling seed used (drawn when the request gave none); None when greedy
+
+
+def best_first(choices: list[Completion]) -> list[Completion]:
+    """Samples of one request, the highest summed log-probability first (TGI's and OpenAI's best_of)."""
+    return sorted(choices, key=lambda c: -sum(s.logprob or 0.0 for s in c.logprobs))

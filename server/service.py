@@ -85,11 +85,6 @@ class Service:
         self, requests: list[GenerateRequest], principal: Principal
     ) -> AsyncGenerator[tuple[int, Event], None]:
         """The events of several requests as they come, each tagged with its request's index."""
-        if len(requests) == 1:
-            async with aclosing(self.stream(requests[0], principal)) as events:
-                async for event in events:
-                    yield 0, event
-            return
         merged: asyncio.Queue[tuple[int, Event] | BaseException] = asyncio.Queue()
 
         async def pump(index: int, request: GenerateRequest) -> None:

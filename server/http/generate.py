@@ -18,7 +18,14 @@ from starlette.responses import JSONResponse, Response
 from adapterd.server.errors import AdapterdError, InvalidRequest
 from adapterd.server.http.params import NUMBER, field, json_body, stop_list
 from adapterd.server.http.sse import first_then_rest, sse_response
-from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent, TokenLogprob, sampling_params
+from adapterd.server.protocol import (
+    Completion,
+    GenerateRequest,
+    TokenEvent,
+    TokenLogprob,
+    best_first,
+    sampling_params,
+)
 from adapterd.server.service import Service
 
 FINISH_REASONS = {
@@ -163,7 +170,7 @@ class TgiShapes:
         return (parsed.request.prompt or "") + done.text if parsed.full_text else done.text
 
     def response(self, choices: list[Completion], parsed: TgiRequest) -> dict[str, Any]:
-        best, *others = sorted(choices, key=lambda c: -sum(s.logprob or 0.0 for s in c.logprobs))
+        best, *others = best_first(choices)
         out: dict[str, Any] = {"generated_text": self.text(best, parsed)}
         if parsed.want_details:
             details = self.sequence(best, parsed)

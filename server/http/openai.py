@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from adapterd.server.errors import AdapterdError, InvalidRequest
 from adapterd.server.http.openai_logprobs import LegacyLogprobs, chat_logprobs
-from adapterd.server.http.params import NUMBER, field, json_body, messages_field, stop_list
+from adapterd.server.http.params import NUMBER, field, is_token_id, json_body, messages_field, stop_list
 from adapterd.server.http.sse import first_then_rest, sse_response
 from adapterd.server.protocol import (
     MAX_LOGPROBS,
@@ -29,6 +29,7 @@ from adapterd.server.protocol import (
     GenerateRequest,
     TokenEvent,
     TokenLogprob,
+    best_first,
     sampling_params,
 )
 from adapterd.server.service import Service
@@ -112,13 +113,13 @@ def _prompts(value: Any) -> list[Prompt]:
     """A string, a list of strings, a list of token ids or a list of token-id lists."""
     if isinstance(value, str):
         value = [value]
-    if isinstance(value, list) and value and all(_is_token_id(t) for t in value):
+    if isinstance(value, list) and value and all(is_token_id(t) for t in value):
         value = [value]
     if not isinstance(value, list) or not value:
         raise InvalidRequest("prompt must be a string, a list of strings or token ids", param="prompt")
     prompts: list[Prompt] = []
     for i, item in enumerate(value):
-        if isinstance(item, list) and all(_is_token_id(t) for t in item):
+        if isinstance(item, list) and all(is_token_id(t) for t in item):
             item = tuple(item)
         if not isinstance(item, str | tuple):
             raise InvalidRequest(f"prompt[{i}] must be a string or a list of token ids", param="prompt")
@@ -126,10 +127,6 @@ def _prompts(value: Any) -> list[Prompt]:
             raise InvalidRequest(f"prompt[{i}] is empty", param="prompt")
         prompts.append(item)
     return prompts
-
-
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _model(body: dict[str, Any]) -> str:
@@ -146,7 +143,7 @@ def _requests(prompt_requests: list[GenerateRequest], count: int) -> list[Genera
 def _best(choices: list[Completion], n: int) -> list[Completion]:
     if len(choices) == n:
         return choices
-    return sorted(choices, key=lambda c: -sum(s.logprob or 0.0 for s in c.logprobs))[:n]
+    return best_first(choices)[:n]
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

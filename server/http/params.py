@@ -33,6 +33,11 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
     return value
 
 
+def is_token_id(value: Any) -> bool:
+    """A JSON integer (not a boolean): a token id's type, whether or not it lies in the vocabulary."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     return "number" if kind == NUMBER else getattr(kind, "__name__", "value")
 

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from adapterd.server.errors import InvalidRequest
-from adapterd.server.http.params import field, json_body, messages_field
+from adapterd.server.http.params import field, is_token_id, json_body, messages_field
 from adapterd.server.protocol import GenerateRequest
 from adapterd.server.service import Service
 
@@ -39,9 +39,7 @@ class TokenizeRoutes:
     async def detokenize(self, http: Request) -> Response:
         body = await json_body(http)
         tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in tokens
-        ):
+        if not isinstance(tokens, list) or not all(is_token_id(t) for t in tokens):
             raise InvalidRequest("tokens must be a list of token ids", param="tokens")
         return JSONResponse({"prompt": self.service.detokenize(tokens)})
 

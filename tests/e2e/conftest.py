@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
-from adapterd.clients import Client
 from adapterd.server.model.resolve import ResolvedModel
-from tests.e2e.serving import Server, make_tiny_chat_model, running_server
+from tests.e2e.serving import Server, make_tiny_chat_model, serving_adapters
 from tests.reference import load_base, load_peft, make_lora_adapter, make_prompt_adapter
 
 COMPAT_ADAPTERS = ("lora", "soft")
@@ -52,10 +51,5 @@ def compat_server(
     compat_model: Path, compat_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("compat-server")
-    with running_server(
-        compat_model, root / "store", root / "server.log", "--kv-cache-tokens", "8192"
-    ) as server:
-        with Client(server.url) as client:
-            for name, path in compat_adapters.items():
-                client.upload_adapter(name, path)
+    with serving_adapters(compat_model, compat_adapters, root, "--kv-cache-tokens", "8192") as server:
         yield server

@@ -117,3 +117,17 @@ def running_server(model: Path | str, store: Path, log: Path, *args: str) -> Ite
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def serving_adapters(
+    model: Path | str, adapters: dict[str, Path], root: Path, *args: str
+) -> Iterator[Server]:
+    """A server (store and log under `root`) with each PEFT directory of `adapters` uploaded under its id."""
+    from adapterd.clients import Client
+
+    with running_server(model, root / "store", root / "server.log", *args) as server:
+        with Client(server.url) as client:
+            for name, path in adapters.items():
+                client.upload_adapter(name, path)
+        yield server

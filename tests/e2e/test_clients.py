@@ -44,7 +44,7 @@ from adapterd.clients import (
 from adapterd.clients._grpc import grpc_errors
 from adapterd.server.llm import encode_chat
 from adapterd.server.model.resolve import ResolvedModel
-from tests.e2e.serving import Server, free_port, make_tiny_chat_model, running_server
+from tests.e2e.serving import Server, free_port, make_tiny_chat_model, running_server, serving_adapters
 from tests.reference import (
     greedy_forward,
     greedy_generate,
@@ -134,12 +134,7 @@ def server(
     model_dir: Path, adapter_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("clients-server")
-    with running_server(
-        model_dir, root / "store", root / "server.log", "--kv-cache-tokens", "8192"
-    ) as running:
-        with Client(running.url) as client:
-            for name, path in adapter_dirs.items():
-                client.upload_adapter(name, path)
+    with serving_adapters(model_dir, adapter_dirs, root, "--kv-cache-tokens", "8192") as running:
         yield running
 
 

@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 
-from adapterd.clients import Client
 from adapterd.server.model.resolve import ResolvedModel
-from tests.e2e.serving import Server, running_server
+from tests.e2e.serving import Server, serving_adapters
 from tests.reference import make_lora_adapter, make_prompt_adapter
 
 pytestmark = pytest.mark.slow
@@ -116,10 +115,7 @@ def adapters(default_model: ResolvedModel, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def server(default_model: ResolvedModel, adapters: dict[str, Path], tmp_path_factory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("lm-eval-server")
-    with running_server(default_model.path, root / "store", root / "server.log") as running:
-        with Client(running.url) as client:
-            for name, path in adapters.items():
-                client.upload_adapter(name, path)
+    with serving_adapters(default_model.path, adapters, root) as running:
         yield running
 
 
