@@ -113,12 +113,24 @@ def _job_row(job: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def job_details(job: Mapping[str, Any]) -> str:
-    """Every field of a job, metrics as one line per model."""
+    """Every field of a job; held-out metrics one line per model, eval_tasks one line per model and task."""
     values = {key: value for key, value in job.items() if key not in ("progress", "metrics")}
     values["progress"] = progress_bar(job)
-    for model, scores in (job.get("metrics") or {}).items():
-        if isinstance(scores, Mapping):
-            values[f"metrics.{model}"] = "  ".join(f"{name} {float(v):.3f}" for name, v in scores.items())
+    metrics = job.get("metrics") or {}
+    for model in ("base", "adapter"):
+        if isinstance(metrics.get(model), Mapping):
+            values[f"metrics.{model}"] = "  ".join(f"{k} {float(v):.3f}" for k, v in metrics[model].items())
+    for model, tasks in (metrics.get("tasks") or {}).items():
+        for task, scores in tasks.items():
+            shown = (f"{k} {float(v):.4f}" for k, v in scores.items() if "_stderr" not in k)
+            values[f"tasks.{model}.{task}"] = "  ".join(shown)
+    gate = metrics.get("gate")
+    if isinstance(gate, Mapping):
+        verdict = "passed" if gate["passed"] else "refused"
+        values["register_if"] = (
+            f"{verdict}: {gate['task']} {gate['metric']}: adapter {gate['adapter']:.4f}, base {gate['base']:.4f}"
+            f" (delta {gate['delta']:+.4f}, min_delta {gate['min_delta']:+.4f})"
+        )
     return key_values(values)
 
 

@@ -1,12 +1,14 @@
 """The trainer's client methods (its HTTP API, /v1/training/jobs), written once for TrainerClient and
 AsyncTrainerClient. Jobs are the trainer's JSON objects: `id`, `adapter_id`, `method`, `status`
-("queued" | "running" | "succeeded" | "failed" | "cancelled"), `progress` (`step`, `total_steps`, `loss`),
-`metrics`, `error`."""
+("queued" | "running" | "succeeded" | "failed" | "cancelled" | "rejected"), `progress` (`step`,
+`total_steps`, `loss`), `metrics`, `error`."""
 
 from __future__ import annotations
 
 import builtins
+import io
 import json
+import tarfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from adapterd.clients.errors import JobNotFound, from_body
 Job = dict[str, Any]
 # A JSONL file's path, or the records themselves (dicts, or JSON lines as strings).
 TrainingData = str | Path | Iterable[Mapping[str, Any] | str]
-ENDED = ("succeeded", "failed", "cancelled")
+ENDED = ("succeeded", "failed", "cancelled", "rejected")
 
 
 def data_part(name: str, data: TrainingData) -> FilePart:
@@ -32,6 +34,22 @@ def data_part(name: str, data: TrainingData) -> FilePart:
     return FilePart(
         name, f"{name}.jsonl", "".join(f"{line.rstrip()}\n" for line in lines).encode(), "application/jsonl"
     )
+
+
+def tasks_part(tasks: str | Path) -> FilePart:
+    """lm-eval task YAML and data to ship with a job: a directory (sent as a gzip tar of its contents) or
+    a tar archive already made."""
+    path = Path(tasks)
+    if path.is_file():
+        return FilePart("tasks", path.name, path, "application/x-tar")
+    if not path.is_dir():
+        raise FileNotFoundError(f"tasks: no such directory or archive: {path}")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for member in sorted(path.rglob("*")):
+            if member.is_file():
+                archive.add(member, arcname=member.relative_to(path).as_posix(), recursive=False)
+    return FilePart("tasks", f"{path.name}.tar.gz", buffer.getvalue(), "application/gzip")
 
 
 JOBS = "/v1/training/jobs"
@@ -57,15 +75,24 @@ def job_events(event: Any) -> builtins.list[Job]:
 class TrainerApi:
     @endpoint
     def submit(
-        self, config: Mapping[str, Any], data: TrainingData, eval_data: TrainingData | None = None
+        self,
+        config: Mapping[str, Any],
+        data: TrainingData,
+        eval_data: TrainingData | None = None,
+        tasks: str | Path | None = None,
     ) -> Call[Job]:
         """Queue a training job. `config` has at least adapter_id and method ("lora" | "qlora" |
         "prompt_tuning"), and optional hyper-parameters (rank, alpha, target_modules, num_virtual_tokens,
-        epochs, max_steps, learning_rate, batch_size, max_seq_len, seed). `data` and `eval_data` are JSONL
-        files or records ({"prompt", "completion"} or {"messages": [...]}). Returns the queued job."""
+        epochs, max_steps, learning_rate, batch_size, max_seq_len, seed), `eval_tasks` (lm-eval tasks
+        scored for the base and the adapter) and `register_if` ({"task", "metric", "min_delta"}: register
+        only an adapter that beats the base by min_delta). `data` and `eval_data` are JSONL files or
+        records ({"prompt", "completion"} or {"messages": [...]}); `tasks` a directory (or tar archive) of
+        lm-eval task YAML and data files for eval_tasks. Returns the queued job."""
         files = [data_part("data", data)]
         if eval_data is not None:
             files.append(data_part("eval_data", eval_data))
+        if tasks is not None:
+            files.append(tasks_part(tasks))
         request = HttpRequest("POST", JOBS, form={"config": json.dumps(dict(config))}, files=tuple(files))
         return Call(request, dict, not_found=JobNotFound)
 

@@ -53,6 +53,17 @@ def _add_submit(actions: Any) -> None:
     submit.add_argument("--adapter-id", help="id of the adapter to train")
     submit.add_argument("--method", choices=["lora", "qlora", "prompt_tuning"])
     submit.add_argument("--target-modules", help="comma-separated module names")
+    submit.add_argument(
+        "--eval-tasks", help="comma-separated lm-eval tasks to score the base and the adapter on"
+    )
+    submit.add_argument(
+        "--include-path", type=Path, help="a directory of lm-eval task YAML and data to ship for --eval-tasks"
+    )
+    submit.add_argument(
+        "--register-if",
+        metavar="TASK:METRIC:MIN_DELTA",
+        help="register the adapter only if it beats the base by MIN_DELTA on TASK's METRIC",
+    )
     for name, kind, text in HYPER_PARAMETERS:
         submit.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
     submit.add_argument("--watch", action="store_true", help="show live progress until the job ends")
@@ -65,11 +76,27 @@ def job_config(args: argparse.Namespace) -> dict[str, Any]:
     flags.update(adapter_id=args.adapter_id, method=args.method)
     if args.target_modules:
         flags["target_modules"] = args.target_modules.split(",")
+    if args.eval_tasks:
+        flags["eval_tasks"] = [t for t in args.eval_tasks.split(",") if t]
+    if args.register_if:
+        flags["register_if"] = _gate(args)
     config.update({name: value for name, value in flags.items() if value is not None})
     missing = [name for name in ("adapter_id", "method") if not config.get(name)]
     if missing:
         args.parser.error(f"the job config needs {' and '.join(missing)} (--config or --adapter-id/--method)")
     return config
+
+
+def _gate(args: argparse.Namespace) -> dict[str, Any]:
+    task, _, rest = args.register_if.partition(":")
+    metric, _, min_delta = rest.rpartition(":")
+    try:
+        return {"task": task, "metric": metric, "min_delta": float(min_delta)}
+    except ValueError:
+        args.parser.error(
+            f"--register-if wants TASK:METRIC:MIN_DELTA, e.g. my_task:acc:0.02, not {args.register_if!r}"
+        )
+        raise
 
 
 def trainer_client(args: argparse.Namespace) -> TrainerClient:
@@ -79,7 +106,7 @@ def trainer_client(args: argparse.Namespace) -> TrainerClient:
 def submit_command(args: argparse.Namespace) -> int:
     config = job_config(args)
     with trainer_client(args) as client:
-        job = client.submit(config, args.data, args.eval_data)
+        job = client.submit(config, args.data, args.eval_data, args.include_path)
         if args.watch:
             return follow(client, job, args.json)
     return emit(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -27,6 +28,11 @@ LIMITS = {  # field -> (smallest, largest) allowed
     "max_seq_len": (8, 1_048_576),
     "seed": (0, 2**63 - 1),
 }
+MAX_EVAL_TASKS = 64
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}")  # lm-eval's task, group and tag names
+HELD_OUT = "held_out"  # register_if's name for the held-out file's scores (exact_match, rouge1/2/L)
+HELD_OUT_METRICS = ("exact_match", "rouge1", "rouge2", "rougeL")
+GATE_FIELDS = ("task", "metric", "min_delta")
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class JobConfig:
     batch_size: int = 8
     max_seq_len: int = 1024
     seed: int = 0
+    eval_tasks: tuple[str, ...] = ()  # lm-eval tasks scored for the base and the adapter after training
+    register_if: dict[str, Any] | None = None  # {"task", "metric", "min_delta"}: the registration gate
 
     @classmethod
     def from_dict(cls, values: Any) -> JobConfig:
@@ -67,6 +75,10 @@ class JobConfig:
             updates["target_modules"] = _target_modules(given["target_modules"])
         if "prompt_tuning_init_text" in given:
             updates["prompt_tuning_init_text"] = _init_text(given["prompt_tuning_init_text"])
+        if "eval_tasks" in given:
+            updates["eval_tasks"] = _eval_tasks(given["eval_tasks"])
+        if "register_if" in given:
+            updates["register_if"] = _gate(given["register_if"], updates.get("eval_tasks", ()))
         updates.setdefault("learning_rate", DEFAULT_LEARNING_RATE[method])
         return config.replace(**updates)
 
@@ -76,6 +88,7 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["target_modules"] = list(self.target_modules)
+        values["eval_tasks"] = list(self.eval_tasks)
         return values
 
     @property
@@ -133,3 +146,40 @@ def _init_text(value: Any) -> str | None:
             f"is {len(value)} characters; at most {MAX_INIT_TEXT_CHARS} are allowed",
         )
     return value or None
+
+
+def _eval_tasks(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise InvalidConfig("eval_tasks", "must be a list of lm-eval task names")
+    if len(value) > MAX_EVAL_TASKS:
+        raise InvalidConfig("eval_tasks", f"names {len(value)} tasks; at most {MAX_EVAL_TASKS} are allowed")
+    bad = [t for t in value if not TASK_NAME.fullmatch(t)]
+    if bad:
+        raise InvalidConfig("eval_tasks", f"{bad[0]!r} is not a task name (letters, digits, _ . -)")
+    return tuple(dict.fromkeys(value))
+
+
+def _gate(value: Any, eval_tasks: tuple[str, ...]) -> dict[str, Any]:
+    """`{"task", "metric", "min_delta"}`: register only an adapter whose metric beats the base's by
+    min_delta (default 0). The task is one of eval_tasks, or "held_out" for the held-out file's scores."""
+    if not isinstance(value, dict):
+        raise InvalidConfig("register_if", 'must be an object {"task", "metric", "min_delta"}')
+    unknown = sorted(set(value) - set(GATE_FIELDS))
+    if unknown:
+        raise InvalidConfig(
+            f"register_if.{unknown[0]}", f"unknown field; the fields are {', '.join(GATE_FIELDS)}"
+        )
+    task, metric, min_delta = value.get("task"), value.get("metric"), value.get("min_delta", 0.0)
+    if task != HELD_OUT and task not in eval_tasks:
+        allowed = ", ".join(repr(t) for t in (*eval_tasks, HELD_OUT))
+        raise InvalidConfig(
+            "register_if.task", f"must be one of eval_tasks or held_out ({allowed}), not {task!r}"
+        )
+    if not isinstance(metric, str) or not metric:
+        raise InvalidConfig("register_if.metric", "must name a metric, e.g. acc or exact_match")
+    if task == HELD_OUT and metric not in HELD_OUT_METRICS:
+        raise InvalidConfig("register_if.metric", f"the held-out scores are {', '.join(HELD_OUT_METRICS)}")
+    is_number = isinstance(min_delta, int | float) and not isinstance(min_delta, bool)
+    if not is_number or not math.isfinite(min_delta):
+        raise InvalidConfig("register_if.min_delta", f"must be a number, not {min_delta!r}")
+    return {"task": task, "metric": metric, "min_delta": float(min_delta)}

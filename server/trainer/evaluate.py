@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ REMOTE_CONCURRENCY = 8  # requests in flight to the server: enough for its conti
 BUDGET_MARGIN = 16  # new tokens beyond the reference's length in characters
 MAX_NEW_TOKENS = 512
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+TRAINED = "trained"  # the adapter's id in the worker's own engine
 
 
 @dataclass(frozen=True)
@@ -104,17 +105,40 @@ def evaluate_local(
     examples: Sequence[Example],
     adapter_dir: Path | None = None,
     engine: EngineConfig | None = None,
-) -> tuple[Scores, list[str]]:
-    """Load the base as the server would (`quantize` none or nf4), add the adapter if any, score it."""
+    tasks: Callable[[Any, str | None], dict[str, Any]] | None = None,
+) -> tuple[Scores, list[str], dict[str, Any] | None]:
+    """Load the base as the server would (`quantize` none or nf4), add the adapter if any, score it on the
+    examples; then, given `tasks`, call it with the same engine and the adapter's id (see `evaluate_tasks`)."""
     from adapterd.server.llm import LLM
 
     with LLM(model=str(model_dir), quantize=quantize, device=device, engine=engine) as llm:
         adapter_id = None
         if adapter_dir is not None:
-            adapter_id = "trained"
+            adapter_id = TRAINED
             llm.add_adapter(adapter_id, adapter_dir)
         predictions = generate_local(llm, examples, adapter_id)
-    return score(predictions, [e.completion for e in examples]), predictions
+        task_scores = tasks(llm, adapter_id) if tasks is not None else None
+    return score(predictions, [e.completion for e in examples]), predictions, task_scores
+
+
+def evaluate_tasks(llm: Any, adapter_id: str | None, names: Sequence[str], manager: Any) -> dict[str, Any]:
+    """lm-eval `names` for the base and the adapter, in one continuous batch on `llm`:
+    {"base": {task: {metric: value}}, "adapter": {...}}, lm-eval's numeric results (+ "ece,none")."""
+    from adapterd.server.evaluation.backends import LocalBackend
+    from adapterd.server.evaluation.compare import BASE, compare
+
+    assert adapter_id is not None
+    comparison = compare(
+        LocalBackend(llm), list(names), [adapter_id], include_base=True, task_manager=manager
+    )
+    numbers = {
+        model: {
+            task: {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            for task, values in results.items()
+        }
+        for model, results in comparison.results.items()
+    }
+    return {"base": numbers[BASE], "adapter": numbers[adapter_id]}
 
 
 async def evaluate_remote(

@@ -45,6 +45,12 @@ def config_dict(message: pb.JobConfig) -> dict[str, Any]:
     values.update({name: getattr(message, name) for name in OPTIONAL_FIELDS if message.HasField(name)})
     if message.target_modules:
         values["target_modules"] = list(message.target_modules)
+    if message.eval_tasks:
+        values["eval_tasks"] = list(message.eval_tasks)
+    if message.HasField("register_if"):
+        values["register_if"] = json_format.MessageToDict(
+            message.register_if, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
     return values
 
 
@@ -57,7 +63,9 @@ def job_message(job: dict[str, Any]) -> pb.Job:
         method=job["method"],
         status=job["status"],
         phase=job["phase"],
-        config=json_format.ParseDict(job["config"], pb.JobConfig()),
+        config=json_format.ParseDict(
+            {k: v for k, v in job["config"].items() if v is not None}, pb.JobConfig()
+        ),
         progress=pb.JobProgress(**job["progress"]),
         error=job["error"] or "",
         created_at=job["created_at"],
@@ -67,8 +75,14 @@ def job_message(job: dict[str, Any]) -> pb.Job:
     for name in ("num_train_examples", "num_eval_examples"):
         if job[name] is not None:
             setattr(message, name, job[name])
-    for name, scores in (job["metrics"] or {}).items():
-        getattr(message.metrics, name).CopyFrom(scores_message(scores))
+    metrics = job["metrics"] or {}
+    for name in ("base", "adapter"):
+        if name in metrics:
+            getattr(message.metrics, name).CopyFrom(scores_message(metrics[name]))
+    if "tasks" in metrics:
+        message.metrics.tasks.update(metrics["tasks"])
+    if "gate" in metrics:
+        message.metrics.gate.CopyFrom(pb.GateOutcome(**metrics["gate"]))
     if job["adapter"]:
         message.adapter.CopyFrom(
             json_format.ParseDict(job["adapter"], adapters_pb2.Adapter(), ignore_unknown_fields=True)
@@ -87,23 +101,39 @@ def scores_message(scores: dict[str, Any]) -> pb.EvalScores:
     )
 
 
-async def receive_files(parts: AsyncIterator[pb.SubmitJobRequest], tmp: Path) -> tuple[Path, Path | None]:
-    """Write the data chunks, then the eval data chunks, to files; refuse anything out of order."""
-    data, eval_data = tmp / "data", tmp / "eval_data"
-    with data.open("wb") as data_file, eval_data.open("wb") as eval_file:
+FILE_PARTS = ("data_chunk", "eval_data_chunk", "tasks_chunk")  # in this order, each optional but data
+
+
+async def receive_files(
+    parts: AsyncIterator[pb.SubmitJobRequest], tmp: Path
+) -> tuple[Path, Path | None, Path | None]:
+    """Write the data, eval data and tasks chunks to files (data, eval_data, tasks: the non-empty ones);
+    refuse anything out of order, or past the HTTP API's per-file limit."""
+    paths = [tmp / kind.removesuffix("_chunk") for kind in FILE_PARTS]
+    sizes = [0, 0, 0]
+    files = [path.open("wb") for path in paths]
+    try:
+        current = 0
         async for part in parts:
             kind = part.WhichOneof("part")
-            if kind == "data_chunk" and eval_file.tell() == 0:
-                data_file.write(part.data_chunk)
-            elif kind == "eval_data_chunk":
-                eval_file.write(part.eval_data_chunk)
-            else:
+            index = FILE_PARTS.index(kind) if kind in FILE_PARTS else -1
+            if index < current:
                 raise InvalidRequest(
-                    "send the config first and only once, then data chunks, then eval_data chunks"
+                    "send the config first and only once, then data chunks, then eval_data chunks, "
+                    "then tasks chunks"
                 )
-    if data.stat().st_size == 0:
+            current = index
+            chunk = getattr(part, kind)
+            sizes[index] += len(chunk)
+            if sizes[index] > MAX_DATA_BYTES:
+                raise PayloadTooLarge(f"{paths[index].name} exceeds the {MAX_DATA_BYTES}-byte limit")
+            files[index].write(chunk)
+    finally:
+        for file in files:
+            file.close()
+    if sizes[0] == 0:
         raise InvalidRequest("no training data: send data_chunk messages after the config")
-    return data, eval_data if eval_data.stat().st_size else None
+    return paths[0], paths[1] if sizes[1] else None, paths[2] if sizes[2] else None
 
 
 async def receive_eval_data(parts: AsyncIterator[pb.EvaluateRequest], path: Path) -> None:
@@ -135,8 +165,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
         config = JobConfig.from_dict(config_dict(first.config))
         principal.require_owner(config.adapter_id)  # before receiving any data
         with tempfile.TemporaryDirectory(dir=self.service.store.tmp) as tmp:
-            data, eval_data = await receive_files(parts, Path(tmp))
-            job = await self.service.submit(config, data, eval_data, principal)
+            data, eval_data, tasks = await receive_files(parts, Path(tmp))
+            job = await self.service.submit(config, data, eval_data, principal, tasks)
         return job_message(job.to_dict())
 
     @rpc

@@ -1,6 +1,7 @@
 """The trainer's HTTP API (Starlette): jobs, their progress as server-sent events, and evaluations.
 
-    POST /v1/training/jobs               multipart: config (JSON), data (JSONL), eval_data (JSONL, optional)
+    POST /v1/training/jobs               multipart: config (JSON), data (JSONL), eval_data (JSONL, optional),
+                                         tasks (tar archive of lm-eval task YAML and data, optional)
     GET  /v1/training/jobs               {"object": "list", "data": [job, ...]}, newest first
     GET  /v1/training/jobs/{id}          the job
     GET  /v1/training/jobs/{id}/events   SSE: {"type": "status" | "progress" | "metrics", "job": job}
@@ -57,7 +58,8 @@ class TrainerRoutes:
                 data = await _save_file(form, "data", Path(tmp), required=True)
                 assert data is not None
                 eval_data = await _save_file(form, "eval_data", Path(tmp), required=False)
-                job = await self.service.submit(config, data, eval_data, principal)
+                tasks = await _save_file(form, "tasks", Path(tmp), required=False)
+                job = await self.service.submit(config, data, eval_data, principal, tasks)
         return JSONResponse(job.to_dict(), status_code=202)
 
     async def list(self, request: Request) -> Response:
@@ -133,7 +135,7 @@ async def _form(request: Request) -> AsyncIterator[FormData]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("send multipart/form-data")
     try:
-        form = await request.form(max_files=2, max_fields=2, max_part_size=MAX_FIELD_BYTES)
+        form = await request.form(max_files=3, max_fields=2, max_part_size=MAX_FIELD_BYTES)
     except MultiPartException as exc:
         raise InvalidRequest(f"malformed multipart body: {exc.message}") from exc
     try:

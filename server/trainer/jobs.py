@@ -4,6 +4,7 @@
     jobs/<job id>/config.json        the validated JobConfig the worker reads
     jobs/<job id>/data.jsonl         the training data as uploaded (validated)
     jobs/<job id>/eval_data.jsonl    the held-out data, when given
+    jobs/<job id>/tasks/             lm-eval tasks shipped with the job (YAML and data), when given
     jobs/<job id>/worker.log         the worker's stderr
     jobs/<job id>/adapter/           the trained adapter (PEFT format)
 
@@ -26,8 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-ENDED = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "rejected")
+ENDED = ("succeeded", "failed", "cancelled", "rejected")  # rejected: trained, but register_if refused it
 JOB_FILE = "job.json"
 INTERRUPTED = "the trainer stopped while this job was running; submit it again"
 
@@ -52,7 +53,7 @@ class Job:
     status: str = "queued"
     phase: str = ""  # while running: loading, evaluating_base, training, evaluating_adapter, uploading
     progress: dict[str, Any] = field(default_factory=new_progress)
-    metrics: dict[str, Any] | None = None  # {"base": scores, "adapter": scores}
+    metrics: dict[str, Any] | None = None  # {"base": scores, "adapter": scores, "tasks"?: ..., "gate"?: ...}
     error: str | None = None
     started_at: str | None = None
     finished_at: str | None = None

@@ -23,14 +23,17 @@ from adapterd.server.auth import Principal
 from adapterd.server.errors import AdapterdError
 from adapterd.server.trainer.config import JobConfig
 from adapterd.server.trainer.data import read_examples, split_held_out
-from adapterd.server.trainer.errors import JobNotFound
+from adapterd.server.trainer.errors import InvalidConfig, JobNotFound
+from adapterd.server.trainer.gate import GateError, decide, rejection
 from adapterd.server.trainer.jobs import ENDED, INTERRUPTED, Job, JobStore, new_job_id, utc_now
 from adapterd.server.trainer.process import exit_reason, read_event, signal_group, start_worker, stop_worker
 from adapterd.server.trainer.remote import ServerClient
-from adapterd.server.trainer.worker import ADAPTER_DIR, CONFIG_FILE, DATA_FILE, EVAL_DATA_FILE
+from adapterd.server.trainer.tasks import check_names, unpack
+from adapterd.server.trainer.worker import ADAPTER_DIR, CONFIG_FILE, DATA_FILE, EVAL_DATA_FILE, TASKS_DIR
 
 log = logging.getLogger("adapterd.trainer")
 LOG_FILE = "worker.log"
+MAX_TASKS_BYTES = 1024**3  # a shipped task archive, unpacked
 CANCEL_WAIT_S = 30.0  # a cancelled worker stops within seconds; past this, cancel answers "running"
 Event = tuple[str, dict[str, Any]]
 WORKER = (sys.executable, "-m", "adapterd.server.trainer.worker")  # then: JOB_DIR --model-dir --device
@@ -65,11 +68,17 @@ class TrainerService:
     # -- the API ------------------------------------------------------------------------------------------
 
     async def submit(
-        self, config: JobConfig, data: Path, eval_data: Path | None, principal: Principal
+        self,
+        config: JobConfig,
+        data: Path,
+        eval_data: Path | None,
+        principal: Principal,
+        tasks: Path | None = None,
     ) -> Job:
-        """Validate the files (every bad line reported), then queue the job. The files are moved."""
+        """Validate the files (every bad line reported) and the evaluation tasks (`tasks`: a tar archive of
+        task YAML and data), then queue the job. The files are moved."""
         principal.require_owner(config.adapter_id)
-        await asyncio.to_thread(_validate, data, eval_data, config.seed)
+        unpacked = await asyncio.to_thread(_validate, config, data, eval_data, tasks)
         job = Job(
             id=new_job_id(),
             seq=max((j.seq for j in self.jobs.values()), default=0) + 1,
@@ -83,6 +92,8 @@ class TrainerService:
             shutil.move(data, job_dir / DATA_FILE)
             if eval_data is not None:
                 shutil.move(eval_data, job_dir / EVAL_DATA_FILE)
+            if unpacked is not None:
+                shutil.move(unpacked, job_dir / TASKS_DIR)
         self.jobs[job.id] = job
         self.queue.append(job.id)
         self._wakeup.set()
@@ -162,8 +173,24 @@ class TrainerService:
             self._finish(job, "cancelled")
         elif error is not None:
             self._finish(job, "failed", error)
-        else:
+        elif self._passes_gate(job):
             await self._register(job, job_dir)
+
+    def _passes_gate(self, job: Job) -> bool:
+        """Apply register_if (if any) to the job's metrics, recording the outcome in them; a job that does
+        not pass ends here, rejected (or failed, when the gate names a metric its task does not report)."""
+        gate = job.config.get("register_if")
+        if not gate:
+            return True
+        try:
+            outcome = decide(gate, job.metrics or {})
+        except GateError as exc:
+            self._finish(job, "failed", str(exc))
+            return False
+        job.metrics = {**(job.metrics or {}), "gate": outcome}
+        if not outcome["passed"]:
+            self._finish(job, "rejected", rejection(outcome))
+        return bool(outcome["passed"])
 
     async def _check_server(self, job: Job) -> str | None:
         """Fail early when the server cannot take this adapter; an unreachable server is checked again at
@@ -250,7 +277,7 @@ class TrainerService:
             "quantization": "nf4" if job.method == "qlora" else "none",
             "dtype": self.base.dtype,
             "config": job.config,
-            "metrics": job.metrics,
+            "metrics": _named_tasks_only(job.metrics, job.config.get("eval_tasks") or []),
         }
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
@@ -267,11 +294,33 @@ class TrainerService:
             events.put_nowait((kind, snapshot))
 
 
-def _validate(data: Path, eval_data: Path | None, seed: int) -> None:
+def _validate(config: JobConfig, data: Path, eval_data: Path | None, tasks: Path | None) -> Path | None:
+    """Check the data files and the evaluation tasks; the shipped tasks unpacked (beside the archive)."""
     with data.open("rb") as lines:
         examples = read_examples(lines, "data")
     held_out = None
     if eval_data is not None:
         with eval_data.open("rb") as lines:
             held_out = read_examples(lines, "eval_data")
-    split_held_out(examples, held_out, seed)
+    split_held_out(examples, held_out, config.seed)
+    if tasks is not None and not config.eval_tasks:
+        raise InvalidConfig("eval_tasks", "tasks were shipped, but eval_tasks names none to evaluate")
+    unpacked = None
+    if tasks is not None:
+        unpacked = tasks.with_name(f"{tasks.name}.unpacked")
+        unpack(tasks, unpacked, MAX_TASKS_BYTES)
+    if config.eval_tasks:
+        check_names(config.eval_tasks, unpacked)
+    return unpacked
+
+
+def _named_tasks_only(metrics: dict[str, Any] | None, names: list[str]) -> dict[str, Any] | None:
+    """The metrics for the adapter's metadata: lm-eval's results only for the tasks (and groups) the job
+    named, not every subtask of a group (MMLU has 57), so that the metadata stays small."""
+    if not metrics or "tasks" not in metrics:
+        return metrics
+    tasks = {
+        model: {task: values for task, values in results.items() if task in names}
+        for model, results in metrics["tasks"].items()
+    }
+    return {**metrics, "tasks": tasks}

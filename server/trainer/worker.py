@@ -1,10 +1,13 @@
 """One training job, run in its own process: `python -m adapterd.server.trainer.worker JOB_DIR ...`.
 
-The job directory holds config.json, data.jsonl and optionally eval_data.jsonl; the worker leaves the
-trained adapter in JOB_DIR/adapter and the adapter's held-out predictions in JOB_DIR/predictions.jsonl.
+The job directory holds config.json, data.jsonl and optionally eval_data.jsonl and tasks/ (shipped lm-eval
+tasks); the worker leaves the trained adapter in JOB_DIR/adapter and the adapter's held-out predictions in
+JOB_DIR/predictions.jsonl. The config's eval_tasks are loaded first (a task that cannot load fails the job
+before training) and scored after training, for the base and the adapter in one continuous batch.
 Events go to stdout as JSON lines (anything else that writes to stdout is moved to stderr):
 `{"event": "phase", "phase": ...}`, `{"event": "data", ...}`, `{"event": "progress", ...}`,
-`{"event": "metrics", "base": ..., "adapter": ...}` and, on failure, `{"event": "error", "message": ...}`.
+`{"event": "metrics", "base": ..., "adapter": ..., "tasks": ...}` and, on failure,
+`{"event": "error", "message": ...}`.
 The exit status is 0 on success and non-zero on any failure, a signal included.
 """
 
@@ -27,6 +30,7 @@ DATA_FILE = "data.jsonl"
 EVAL_DATA_FILE = "eval_data.jsonl"
 ADAPTER_DIR = "adapter"
 PREDICTIONS_FILE = "predictions.jsonl"
+TASKS_DIR = "tasks"
 PR_SET_PDEATHSIG = 1
 
 
@@ -59,6 +63,7 @@ def run(job_dir: Path, model_dir: Path, device: str, events: Events) -> None:
 
     events.phase("loading")
     config = JobConfig.from_dict(json.loads((job_dir / CONFIG_FILE).read_text()))
+    tasks = load_tasks(job_dir, config.eval_tasks)
     data = read_file(job_dir / DATA_FILE, "data", read_examples)
     eval_data = read_file(job_dir / EVAL_DATA_FILE, "eval_data", read_examples)
     assert data is not None
@@ -81,7 +86,7 @@ def run(job_dir: Path, model_dir: Path, device: str, events: Events) -> None:
     )
     quantize, device_name = placement.quantize, placement.device.type
     events.phase("evaluating_base")
-    base, _ = evaluate_local(model_dir, quantize, device_name, held_out, engine=engine)
+    base, _, _ = evaluate_local(model_dir, quantize, device_name, held_out, engine=engine)
     events.emit("metrics", base=base.to_dict())
 
     events.phase("training")
@@ -89,11 +94,39 @@ def run(job_dir: Path, model_dir: Path, device: str, events: Events) -> None:
     train(config, model_dir, placement, tokenized, adapter_dir, events.progress)
 
     events.phase("evaluating_adapter")
-    adapter, predictions = evaluate_local(model_dir, quantize, device_name, held_out, adapter_dir, engine)
+    adapter, predictions, task_scores = evaluate_local(
+        model_dir, quantize, device_name, held_out, adapter_dir, engine, tasks
+    )
     with (job_dir / PREDICTIONS_FILE).open("w") as out:
         for example, prediction in zip(held_out, predictions, strict=True):
             out.write(json.dumps({"line": example.line, "prediction": prediction}) + "\n")
-    events.emit("metrics", base=base.to_dict(), adapter=adapter.to_dict())
+    scores = {"base": base.to_dict(), "adapter": adapter.to_dict()}
+    events.emit("metrics", **scores, **({"tasks": task_scores} if task_scores is not None else {}))
+
+
+def load_tasks(job_dir: Path, names: tuple[str, ...]) -> Any:
+    """None without eval_tasks; else `evaluate_local`'s `tasks`: lm-eval's tasks loaded now (from the shipped
+    tasks/ and lm-eval's own), with the worker working in tasks/ so that relative data_files resolve there."""
+    if not names:
+        return None
+    import warnings
+
+    from lm_eval.tasks import get_task_dict
+
+    from adapterd.server.trainer.evaluate import evaluate_tasks
+    from adapterd.server.trainer.tasks import task_manager
+
+    root = job_dir / TASKS_DIR
+    if root.is_dir():
+        os.chdir(root)
+    manager = task_manager(root if root.is_dir() else None, names)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            get_task_dict(list(names), manager)
+    except Exception as exc:  # lm-eval's errors are plain exceptions: a missing file, a bad field
+        raise ValueError(f"eval_tasks: cannot load {', '.join(names)}: {type(exc).__name__}: {exc}") from exc
+    return lambda llm, adapter_id: evaluate_tasks(llm, adapter_id, names, manager)
 
 
 def read_file(path: Path, name: str, parse: Any) -> Any:
@@ -118,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     events = Events()
     try:
-        run(args.job_dir, args.model_dir, args.device, events)
+        run(args.job_dir.resolve(), args.model_dir.resolve(), args.device, events)
     except Exception as exc:
         traceback.print_exc()
         events.emit("error", message=f"{type(exc).__name__}: {exc}" if _is_bug(exc) else str(exc))

@@ -46,6 +46,25 @@ def test_overrides_use_the_spec_names() -> None:
     assert JobConfig.from_dict(job.to_dict()) == job
 
 
+def test_eval_tasks_and_the_gate() -> None:
+    job = config(
+        eval_tasks=["arc_easy", "my_task", "arc_easy"], register_if={"task": "my_task", "metric": "acc"}
+    )
+    assert job.eval_tasks == ("arc_easy", "my_task")
+    assert job.register_if == {"task": "my_task", "metric": "acc", "min_delta": 0.0}
+    assert JobConfig.from_dict(job.to_dict()) == job and job.to_dict()["eval_tasks"] == [
+        "arc_easy",
+        "my_task",
+    ]
+    held_out = config(register_if={"task": "held_out", "metric": "rougeL", "min_delta": -0.05})
+    assert held_out.register_if == {"task": "held_out", "metric": "rougeL", "min_delta": -0.05}
+    assert config().eval_tasks == () and config().register_if is None
+    gate = pb.RegisterIf(task="my_task", metric="acc,none")  # min_delta 0, unset
+    message = pb.JobConfig(adapter_id="a", method="lora", eval_tasks=["my_task"], register_if=gate)
+    assert config_dict(message)["register_if"] == {"task": "my_task", "metric": "acc,none", "min_delta": 0.0}
+    assert JobConfig.from_dict(config_dict(message)).eval_tasks == ("my_task",)
+
+
 @pytest.mark.parametrize(
     ("values", "field", "message"),
     [
@@ -66,6 +85,28 @@ def test_overrides_use_the_spec_names() -> None:
         ({"target_modules": "q_proj"}, "target_modules", "must be a list"),
         ({"prompt_tuning_init_text": 3}, "prompt_tuning_init_text", "must be a string"),
         ({"lora_dropout": 0.1}, "lora_dropout", "unknown field"),
+        ({"eval_tasks": "arc_easy"}, "eval_tasks", "must be a list of lm-eval task names"),
+        ({"eval_tasks": ["../x"]}, "eval_tasks", "'../x' is not a task name"),
+        ({"eval_tasks": [f"t{i}" for i in range(65)]}, "eval_tasks", "at most 64"),
+        ({"register_if": "acc"}, "register_if", "must be an object"),
+        ({"register_if": {"task": "t", "metric": "acc"}}, "register_if.task", "held_out \\('held_out'\\)"),
+        (
+            {"eval_tasks": ["t"], "register_if": {"task": "u", "metric": "acc"}},
+            "register_if.task",
+            "'t', 'held_out'",
+        ),
+        ({"eval_tasks": ["t"], "register_if": {"task": "t"}}, "register_if.metric", "must name a metric"),
+        ({"register_if": {"task": "held_out", "metric": "acc"}}, "register_if.metric", "exact_match, rouge1"),
+        (
+            {"eval_tasks": ["t"], "register_if": {"task": "t", "metric": "acc", "min_delta": "0.1"}},
+            "register_if.min_delta",
+            "must be a number",
+        ),
+        (
+            {"register_if": {"task": "held_out", "metric": "rouge1", "by": 1}},
+            "register_if.by",
+            "unknown field",
+        ),
     ],
 )
 def test_bad_values_name_the_field(values: dict[str, Any], field: str, message: str) -> None:

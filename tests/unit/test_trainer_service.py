@@ -1,6 +1,6 @@
 """The trainer's job runner with a scripted worker (no model): success and upload with metadata, events in
 order, a worker error, a crash, a kill -9, cancellation (queued, running, before start), refusals from the
-server, and that the next job always runs."""
+server, the register_if gate passing and refusing, shipped tasks, and that the next job always runs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import tarfile
 import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -50,7 +51,13 @@ FAKE_WORKER = textwrap.dedent(
         sys.stderr.write("Traceback: something broke\\n")
         sys.exit(3)
     emit("progress", **dict(progress, step=2, eta_seconds=0.0))
-    emit("metrics", base=scores, adapter=dict(scores, exact_match=1.0))
+    final = dict(base=scores, adapter=dict(scores, exact_match=1.0))
+    if config["eval_tasks"]:  # lm-eval results: the named task, and a subtask of it
+        shipped = os.path.isfile(os.path.join(job_dir, "tasks", "t.yaml"))
+        def results(acc):
+            return {"t": {"alias": "t", "acc,none": acc, "acc_stderr,none": 0.1}, "t_sub": {"acc,none": acc}}
+        final["tasks"] = {"base": results(0.25), "adapter": results(0.5 if shipped else 0.0)}
+    emit("metrics", **final)
     os.makedirs(os.path.join(job_dir, "adapter"))
     """
 )
@@ -246,5 +253,135 @@ def test_submission_validates_data_ownership_and_unknown_jobs(tmp_path: Path) ->
         assert service.list_jobs(Principal("user", "other")) == []
         with pytest.raises(JobNotFound):
             service.get(job.id, Principal("user", "other"))
+
+    run(tmp_path, scenario)
+
+
+TASK_YAML = """\
+task: t
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/t.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def tasks_archive(tmp_path: Path, files: dict[str, str], name: str = "tasks.tar.gz") -> Path:
+    """A gzip tar of `files` (archive path -> text) under one top-level directory."""
+    source = tmp_path / f"{name}-source"
+    for path, text in files.items():
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        (source / path).write_text(text)
+    archive = tmp_path / name
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="my-tasks")
+    return archive
+
+
+async def submit_gated(service: TrainerService, tmp_path: Path, adapter_id: str, gate: dict[str, Any]) -> str:
+    config = JobConfig.from_dict(
+        {"adapter_id": adapter_id, "method": "lora", "eval_tasks": ["t"], "register_if": gate}
+    )
+    archive = tasks_archive(
+        tmp_path, {"t.yaml": TASK_YAML, "data/t.jsonl": '{"question": "q"}\n'}, adapter_id
+    )
+    job = await service.submit(config, data_file(tmp_path), None, OPEN, archive)
+    return job.id
+
+
+def test_register_if_registers_an_adapter_that_beats_the_base_and_rejects_one_that_does_not(
+    tmp_path: Path,
+) -> None:
+    async def scenario(service: TrainerService, server: FakeServer) -> None:
+        passing = await submit_gated(
+            service, tmp_path, "ok-pass", {"task": "t", "metric": "acc", "min_delta": 0.25}
+        )
+        refused = await submit_gated(
+            service, tmp_path, "ok-refuse", {"task": "t", "metric": "acc", "min_delta": 0.3}
+        )
+        typo = await submit_gated(service, tmp_path, "ok-typo", {"task": "t", "metric": "f1", "min_delta": 0})
+        held_out = await submit(
+            service, tmp_path, "ok-held", register_if={"task": "held_out", "metric": "exact_match"}
+        )
+
+        job = await ended(service, passing)
+        assert job["status"] == "succeeded" and job["error"] is None
+        gate = job["metrics"]["gate"]
+        assert gate == {
+            "task": "t",
+            "metric": "acc,none",
+            "base": 0.25,
+            "adapter": 0.5,
+            "delta": 0.25,
+            "min_delta": 0.25,
+            "passed": True,
+        }
+        assert job["metrics"]["tasks"]["adapter"]["t"]["acc,none"] == 0.5
+        assert (service.store.job_dir(passing) / "tasks" / "t.yaml").read_text() == TASK_YAML
+        [(adapter_id, _, metadata)] = server.uploads
+        assert adapter_id == "ok-pass" and metadata["metrics"]["gate"] == gate
+        # The metadata keeps the named task, not the subtasks (a group like MMLU has 57).
+        assert (
+            set(metadata["metrics"]["tasks"]["base"]) == {"t"} and "t_sub" in job["metrics"]["tasks"]["base"]
+        )
+
+        job = await ended(service, refused)
+        assert job["status"] == "rejected" and job["adapter"] is None
+        assert job["error"] == (
+            "not registered: on t, acc,none is 0.5000 for the adapter and 0.2500 for the base model "
+            "(delta +0.2500); register_if asks for min_delta +0.3000"
+        )
+        assert job["metrics"]["gate"]["passed"] is False
+
+        job = await ended(service, typo)
+        assert job["status"] == "failed"
+        assert job["error"] == "register_if: t does not report 'f1'; it reports acc,none"
+
+        job = await ended(service, held_out)
+        assert job["status"] == "succeeded" and job["metrics"]["gate"]["delta"] == 1.0
+        assert [u[0] for u in server.uploads] == ["ok-pass", "ok-held"]
+
+    run(tmp_path, scenario)
+
+
+def test_shipped_tasks_are_checked_at_submission(tmp_path: Path) -> None:
+    async def scenario(service: TrainerService, server: FakeServer) -> None:
+        def config(**values: Any) -> JobConfig:
+            return JobConfig.from_dict({"adapter_id": "x", "method": "lora", "eval_tasks": ["t"], **values})
+
+        good = {"t.yaml": TASK_YAML, "data/t.jsonl": "{}\n"}
+        cases = [
+            (
+                {"t.yaml": TASK_YAML, "utils.py": "import os"},
+                "'my-tasks/utils.py': only task YAML and data files",
+            ),
+            (
+                {"t.yaml": TASK_YAML + "process_docs: !function utils.process\n"},
+                "t.yaml: invalid YAML: !function",
+            ),
+            ({"t.yaml": "task: t\noutput_type: [not, a, list\n"}, "t.yaml: invalid YAML"),
+            ({"other.yaml": TASK_YAML.replace("task: t", "task: other")}, "unknown task 't'"),
+        ]
+        for i, (files, message) in enumerate(cases):
+            with pytest.raises(InvalidRequest, match=message):
+                await service.submit(
+                    config(), data_file(tmp_path), None, OPEN, tasks_archive(tmp_path, files, f"a{i}")
+                )
+        not_tar = tmp_path / "not.tar"
+        not_tar.write_text("hello")
+        with pytest.raises(InvalidRequest, match="tasks: not a readable tar archive"):
+            await service.submit(config(), data_file(tmp_path), None, OPEN, not_tar)
+        with pytest.raises(InvalidRequest, match=r"config\.eval_tasks: tasks were shipped"):
+            plain = JobConfig.from_dict({"adapter_id": "x", "method": "lora"})
+            await service.submit(plain, data_file(tmp_path), None, OPEN, tasks_archive(tmp_path, good, "b"))
+        assert service.list_jobs(OPEN) == []  # nothing was queued
+        assert not list(service.store.root.iterdir())
 
     run(tmp_path, scenario)

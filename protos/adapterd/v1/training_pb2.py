@@ -23,45 +23,50 @@ _sym_db = _symbol_database.Default()
 
 
 from adapterd.v1 import adapters_pb2 as adapterd_dot_v1_dot_adapters__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x64\x61pterd/v1/training.proto\x12\x0b\x61\x64\x61pterd.v1\x1a\x1a\x61\x64\x61pterd/v1/adapters.proto\"\xdd\x03\n\tJobConfig\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x11\n\x04rank\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x1f\n\x12num_virtual_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tmax_steps\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x17\n\nbatch_size\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x18\n\x0bmax_seq_len\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\x08\x88\x01\x01\x12$\n\x17prompt_tuning_init_text\x18\r \x01(\tH\t\x88\x01\x01\x42\x07\n\x05_rankB\x08\n\x06_alphaB\x15\n\x13_num_virtual_tokensB\t\n\x07_epochsB\x0c\n\n_max_stepsB\x10\n\x0e_learning_rateB\r\n\x0b_batch_sizeB\x0e\n\x0c_max_seq_lenB\x07\n\x05_seedB\x1a\n\x18_prompt_tuning_init_text\"u\n\x10SubmitJobRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.adapterd.v1.JobConfigH\x00\x12\x14\n\ndata_chunk\x18\x02 \x01(\x0cH\x00\x12\x19\n\x0f\x65val_data_chunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"\x85\x01\n\x0bJobProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\"h\n\nEvalScores\x12\x13\n\x0b\x65xact_match\x18\x01 \x01(\x01\x12\x0e\n\x06rouge1\x18\x02 \x01(\x01\x12\x0e\n\x06rouge2\x18\x03 \x01(\x01\x12\x0f\n\x07rouge_l\x18\x04 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x05\"]\n\nJobMetrics\x12%\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x17.adapterd.v1.EvalScores\x12(\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x17.adapterd.v1.EvalScores\"\xb3\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12*\n\x08progress\x18\x05 \x01(\x0b\x32\x18.adapterd.v1.JobProgress\x12(\n\x07metrics\x18\x06 \x01(\x0b\x32\x17.adapterd.v1.JobMetrics\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\nstarted_at\x18\t \x01(\t\x12\x13\n\x0b\x66inished_at\x18\n \x01(\t\x12\r\n\x05phase\x18\x0b \x01(\t\x12&\n\x06\x63onfig\x18\x0c \x01(\x0b\x32\x16.adapterd.v1.JobConfig\x12\x1f\n\x12num_train_examples\x18\r \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11num_eval_examples\x18\x0e \x01(\x05H\x01\x88\x01\x01\x12%\n\x07\x61\x64\x61pter\x18\x0f \x01(\x0b\x32\x14.adapterd.v1.AdapterB\x15\n\x13_num_train_examplesB\x14\n\x12_num_eval_examples\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"2\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.adapterd.v1.Job\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x08JobEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.adapterd.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"$\n\x0e\x45valuateHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"^\n\x0f\x45valuateRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.adapterd.v1.EvaluateHeaderH\x00\x12\x14\n\ndata_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"I\n\nEvaluation\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\'\n\x06scores\x18\x02 \x01(\x0b\x32\x17.adapterd.v1.EvalScores2\x91\x03\n\x08Training\x12>\n\tSubmitJob\x12\x1d.adapterd.v1.SubmitJobRequest\x1a\x10.adapterd.v1.Job(\x01\x12\x36\n\x06GetJob\x12\x1a.adapterd.v1.GetJobRequest\x1a\x10.adapterd.v1.Job\x12G\n\x08ListJobs\x12\x1c.adapterd.v1.ListJobsRequest\x1a\x1d.adapterd.v1.ListJobsResponse\x12\x41\n\x08WatchJob\x12\x1c.adapterd.v1.WatchJobRequest\x1a\x15.adapterd.v1.JobEvent0\x01\x12<\n\tCancelJob\x12\x1d.adapterd.v1.CancelJobRequest\x1a\x10.adapterd.v1.Job\x12\x43\n\x08\x45valuate\x12\x1c.adapterd.v1.EvaluateRequest\x1a\x17.adapterd.v1.Evaluation(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61\x64\x61pterd/v1/training.proto\x12\x0b\x61\x64\x61pterd.v1\x1a\x1a\x61\x64\x61pterd/v1/adapters.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x9f\x04\n\tJobConfig\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x11\n\x04rank\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\x05\x61lpha\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x1f\n\x12num_virtual_tokens\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06\x65pochs\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tmax_steps\x18\x08 \x01(\x05H\x04\x88\x01\x01\x12\x1a\n\rlearning_rate\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x17\n\nbatch_size\x18\n \x01(\x05H\x06\x88\x01\x01\x12\x18\n\x0bmax_seq_len\x18\x0b \x01(\x05H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\x08\x88\x01\x01\x12$\n\x17prompt_tuning_init_text\x18\r \x01(\tH\t\x88\x01\x01\x12\x12\n\neval_tasks\x18\x0e \x03(\t\x12,\n\x0bregister_if\x18\x0f \x01(\x0b\x32\x17.adapterd.v1.RegisterIfB\x07\n\x05_rankB\x08\n\x06_alphaB\x15\n\x13_num_virtual_tokensB\t\n\x07_epochsB\x0c\n\n_max_stepsB\x10\n\x0e_learning_rateB\r\n\x0b_batch_sizeB\x0e\n\x0c_max_seq_lenB\x07\n\x05_seedB\x1a\n\x18_prompt_tuning_init_text\"=\n\nRegisterIf\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x11\n\tmin_delta\x18\x03 \x01(\x01\"\x8c\x01\n\x10SubmitJobRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.adapterd.v1.JobConfigH\x00\x12\x14\n\ndata_chunk\x18\x02 \x01(\x0cH\x00\x12\x19\n\x0f\x65val_data_chunk\x18\x03 \x01(\x0cH\x00\x12\x15\n\x0btasks_chunk\x18\x04 \x01(\x0cH\x00\x42\x06\n\x04part\"\x85\x01\n\x0bJobProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x15\n\rlearning_rate\x18\x04 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\"h\n\nEvalScores\x12\x13\n\x0b\x65xact_match\x18\x01 \x01(\x01\x12\x0e\n\x06rouge1\x18\x02 \x01(\x01\x12\x0e\n\x06rouge2\x18\x03 \x01(\x01\x12\x0f\n\x07rouge_l\x18\x04 \x01(\x01\x12\x14\n\x0cnum_examples\x18\x05 \x01(\x05\"\xad\x01\n\nJobMetrics\x12%\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x17.adapterd.v1.EvalScores\x12(\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x17.adapterd.v1.EvalScores\x12&\n\x05tasks\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x04gate\x18\x04 \x01(\x0b\x32\x18.adapterd.v1.GateOutcome\"|\n\x0bGateOutcome\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x11\n\tmin_delta\x18\x06 \x01(\x01\x12\x0e\n\x06passed\x18\x07 \x01(\x08\"\xb3\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0e\n\x06status\x18\x04 \x01(\t\x12*\n\x08progress\x18\x05 \x01(\x0b\x32\x18.adapterd.v1.JobProgress\x12(\n\x07metrics\x18\x06 \x01(\x0b\x32\x17.adapterd.v1.JobMetrics\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x12\n\nstarted_at\x18\t \x01(\t\x12\x13\n\x0b\x66inished_at\x18\n \x01(\t\x12\r\n\x05phase\x18\x0b \x01(\t\x12&\n\x06\x63onfig\x18\x0c \x01(\x0b\x32\x16.adapterd.v1.JobConfig\x12\x1f\n\x12num_train_examples\x18\r \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11num_eval_examples\x18\x0e \x01(\x05H\x01\x88\x01\x01\x12%\n\x07\x61\x64\x61pter\x18\x0f \x01(\x0b\x32\x14.adapterd.v1.AdapterB\x15\n\x13_num_train_examplesB\x14\n\x12_num_eval_examples\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"2\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.adapterd.v1.Job\"\x1d\n\x0fWatchJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"7\n\x08JobEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.adapterd.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"$\n\x0e\x45valuateHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"^\n\x0f\x45valuateRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.adapterd.v1.EvaluateHeaderH\x00\x12\x14\n\ndata_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"I\n\nEvaluation\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\'\n\x06scores\x18\x02 \x01(\x0b\x32\x17.adapterd.v1.EvalScores2\x91\x03\n\x08Training\x12>\n\tSubmitJob\x12\x1d.adapterd.v1.SubmitJobRequest\x1a\x10.adapterd.v1.Job(\x01\x12\x36\n\x06GetJob\x12\x1a.adapterd.v1.GetJobRequest\x1a\x10.adapterd.v1.Job\x12G\n\x08ListJobs\x12\x1c.adapterd.v1.ListJobsRequest\x1a\x1d.adapterd.v1.ListJobsResponse\x12\x41\n\x08WatchJob\x12\x1c.adapterd.v1.WatchJobRequest\x1a\x15.adapterd.v1.JobEvent0\x01\x12<\n\tCancelJob\x12\x1d.adapterd.v1.CancelJobRequest\x1a\x10.adapterd.v1.Job\x12\x43\n\x08\x45valuate\x12\x1c.adapterd.v1.EvaluateRequest\x1a\x17.adapterd.v1.Evaluation(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adapterd.v1.training_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBCONFIG']._serialized_start=72
-  _globals['_JOBCONFIG']._serialized_end=549
-  _globals['_SUBMITJOBREQUEST']._serialized_start=551
-  _globals['_SUBMITJOBREQUEST']._serialized_end=668
-  _globals['_JOBPROGRESS']._serialized_start=671
-  _globals['_JOBPROGRESS']._serialized_end=804
-  _globals['_EVALSCORES']._serialized_start=806
-  _globals['_EVALSCORES']._serialized_end=910
-  _globals['_JOBMETRICS']._serialized_start=912
-  _globals['_JOBMETRICS']._serialized_end=1005
-  _globals['_JOB']._serialized_start=1008
-  _globals['_JOB']._serialized_end=1443
-  _globals['_GETJOBREQUEST']._serialized_start=1445
-  _globals['_GETJOBREQUEST']._serialized_end=1472
-  _globals['_LISTJOBSREQUEST']._serialized_start=1474
-  _globals['_LISTJOBSREQUEST']._serialized_end=1491
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1493
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1543
-  _globals['_WATCHJOBREQUEST']._serialized_start=1545
-  _globals['_WATCHJOBREQUEST']._serialized_end=1574
-  _globals['_JOBEVENT']._serialized_start=1576
-  _globals['_JOBEVENT']._serialized_end=1631
-  _globals['_CANCELJOBREQUEST']._serialized_start=1633
-  _globals['_CANCELJOBREQUEST']._serialized_end=1663
-  _globals['_EVALUATEHEADER']._serialized_start=1665
-  _globals['_EVALUATEHEADER']._serialized_end=1701
-  _globals['_EVALUATEREQUEST']._serialized_start=1703
-  _globals['_EVALUATEREQUEST']._serialized_end=1797
-  _globals['_EVALUATION']._serialized_start=1799
-  _globals['_EVALUATION']._serialized_end=1872
-  _globals['_TRAINING']._serialized_start=1875
-  _globals['_TRAINING']._serialized_end=2276
+  _globals['_JOBCONFIG']._serialized_start=102
+  _globals['_JOBCONFIG']._serialized_end=645
+  _globals['_REGISTERIF']._serialized_start=647
+  _globals['_REGISTERIF']._serialized_end=708
+  _globals['_SUBMITJOBREQUEST']._serialized_start=711
+  _globals['_SUBMITJOBREQUEST']._serialized_end=851
+  _globals['_JOBPROGRESS']._serialized_start=854
+  _globals['_JOBPROGRESS']._serialized_end=987
+  _globals['_EVALSCORES']._serialized_start=989
+  _globals['_EVALSCORES']._serialized_end=1093
+  _globals['_JOBMETRICS']._serialized_start=1096
+  _globals['_JOBMETRICS']._serialized_end=1269
+  _globals['_GATEOUTCOME']._serialized_start=1271
+  _globals['_GATEOUTCOME']._serialized_end=1395
+  _globals['_JOB']._serialized_start=1398
+  _globals['_JOB']._serialized_end=1833
+  _globals['_GETJOBREQUEST']._serialized_start=1835
+  _globals['_GETJOBREQUEST']._serialized_end=1862
+  _globals['_LISTJOBSREQUEST']._serialized_start=1864
+  _globals['_LISTJOBSREQUEST']._serialized_end=1881
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1883
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1933
+  _globals['_WATCHJOBREQUEST']._serialized_start=1935
+  _globals['_WATCHJOBREQUEST']._serialized_end=1964
+  _globals['_JOBEVENT']._serialized_start=1966
+  _globals['_JOBEVENT']._serialized_end=2021
+  _globals['_CANCELJOBREQUEST']._serialized_start=2023
+  _globals['_CANCELJOBREQUEST']._serialized_end=2053
+  _globals['_EVALUATEHEADER']._serialized_start=2055
+  _globals['_EVALUATEHEADER']._serialized_end=2091
+  _globals['_EVALUATEREQUEST']._serialized_start=2093
+  _globals['_EVALUATEREQUEST']._serialized_end=2187
+  _globals['_EVALUATION']._serialized_start=2189
+  _globals['_EVALUATION']._serialized_end=2262
+  _globals['_TRAINING']._serialized_start=2265
+  _globals['_TRAINING']._serialized_end=2666
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from adapterd.v1 import adapters_pb2 as _adapters_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -8,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JobConfig(_message.Message):
-    __slots__ = ("adapter_id", "method", "rank", "alpha", "target_modules", "num_virtual_tokens", "epochs", "max_steps", "learning_rate", "batch_size", "max_seq_len", "seed", "prompt_tuning_init_text")
+    __slots__ = ("adapter_id", "method", "rank", "alpha", "target_modules", "num_virtual_tokens", "epochs", "max_steps", "learning_rate", "batch_size", "max_seq_len", "seed", "prompt_tuning_init_text", "eval_tasks", "register_if")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +23,8 @@ class JobConfig(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TUNING_INIT_TEXT_FIELD_NUMBER: _ClassVar[int]
+    EVAL_TASKS_FIELD_NUMBER: _ClassVar[int]
+    REGISTER_IF_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     method: str
     rank: int
@@ -35,17 +38,31 @@ class JobConfig(_message.Message):
     max_seq_len: int
     seed: int
     prompt_tuning_init_text: str
-    def __init__(self, adapter_id: _Optional[str] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., prompt_tuning_init_text: _Optional[str] = ...) -> None: ...
+    eval_tasks: _containers.RepeatedScalarFieldContainer[str]
+    register_if: RegisterIf
+    def __init__(self, adapter_id: _Optional[str] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_virtual_tokens: _Optional[int] = ..., epochs: _Optional[int] = ..., max_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., prompt_tuning_init_text: _Optional[str] = ..., eval_tasks: _Optional[_Iterable[str]] = ..., register_if: _Optional[_Union[RegisterIf, _Mapping]] = ...) -> None: ...
+
+class RegisterIf(_message.Message):
+    __slots__ = ("task", "metric", "min_delta")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    MIN_DELTA_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    metric: str
+    min_delta: float
+    def __init__(self, task: _Optional[str] = ..., metric: _Optional[str] = ..., min_delta: _Optional[float] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("config", "data_chunk", "eval_data_chunk")
+    __slots__ = ("config", "data_chunk", "eval_data_chunk", "tasks_chunk")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     DATA_CHUNK_FIELD_NUMBER: _ClassVar[int]
     EVAL_DATA_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TASKS_CHUNK_FIELD_NUMBER: _ClassVar[int]
     config: JobConfig
     data_chunk: bytes
     eval_data_chunk: bytes
-    def __init__(self, config: _Optional[_Union[JobConfig, _Mapping]] = ..., data_chunk: _Optional[bytes] = ..., eval_data_chunk: _Optional[bytes] = ...) -> None: ...
+    tasks_chunk: bytes
+    def __init__(self, config: _Optional[_Union[JobConfig, _Mapping]] = ..., data_chunk: _Optional[bytes] = ..., eval_data_chunk: _Optional[bytes] = ..., tasks_chunk: _Optional[bytes] = ...) -> None: ...
 
 class JobProgress(_message.Message):
     __slots__ = ("step", "total_steps", "loss", "learning_rate", "tokens_per_second", "eta_seconds")
@@ -78,12 +95,34 @@ class EvalScores(_message.Message):
     def __init__(self, exact_match: _Optional[float] = ..., rouge1: _Optional[float] = ..., rouge2: _Optional[float] = ..., rouge_l: _Optional[float] = ..., num_examples: _Optional[int] = ...) -> None: ...
 
 class JobMetrics(_message.Message):
-    __slots__ = ("base", "adapter")
+    __slots__ = ("base", "adapter", "tasks", "gate")
     BASE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     base: EvalScores
     adapter: EvalScores
-    def __init__(self, base: _Optional[_Union[EvalScores, _Mapping]] = ..., adapter: _Optional[_Union[EvalScores, _Mapping]] = ...) -> None: ...
+    tasks: _struct_pb2.Struct
+    gate: GateOutcome
+    def __init__(self, base: _Optional[_Union[EvalScores, _Mapping]] = ..., adapter: _Optional[_Union[EvalScores, _Mapping]] = ..., tasks: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., gate: _Optional[_Union[GateOutcome, _Mapping]] = ...) -> None: ...
+
+class GateOutcome(_message.Message):
+    __slots__ = ("task", "metric", "base", "adapter", "delta", "min_delta", "passed")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    MIN_DELTA_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    metric: str
+    base: float
+    adapter: float
+    delta: float
+    min_delta: float
+    passed: bool
+    def __init__(self, task: _Optional[str] = ..., metric: _Optional[str] = ..., base: _Optional[float] = ..., adapter: _Optional[float] = ..., delta: _Optional[float] = ..., min_delta: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("id", "adapter_id", "method", "status", "progress", "metrics", "error", "created_at", "started_at", "finished_at", "phase", "config", "num_train_examples", "num_eval_examples", "adapter")
