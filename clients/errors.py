@@ -17,8 +17,9 @@ from typing import Any
 
 
 class AdapterdClientError(Exception):
-    """Base of every error the clients raise. `status` is the HTTP status, `code` the gRPC status code name
-    and `error_type` the server's own name for the error, each when known."""
+    """Base of every error the clients raise. `status` is the HTTP status, `code` the gRPC status code name,
+    `error_type` the server's own name for the error and `param` the request field at fault (HTTP), each
+    when known."""
 
     def __init__(
         self,
@@ -27,12 +28,14 @@ class AdapterdClientError(Exception):
         status: int | None = None,
         code: str | None = None,
         error_type: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.error_type = error_type
+        self.param = param
 
 
 class InvalidRequest(AdapterdClientError):
@@ -140,15 +143,17 @@ def from_body(
     """An error answer's JSON: LoRAX/TGI's `{"error": str, "error_type": str}` or the OpenAI shape
     `{"error": {"message", "type", ...}}` (also the shape of an error event inside a stream)."""
     error = body.get("error") if isinstance(body, dict) else None
+    param = None
     if isinstance(error, dict):
         message, error_type = str(error.get("message", error)), error.get("type")
+        param = error.get("param") if isinstance(error.get("param"), str) else None
     elif isinstance(error, str):
         message, error_type = error, body.get("error_type")
     else:
         message, error_type = (json.dumps(body) if body is not None else "no details"), None
     error_type = error_type if isinstance(error_type, str) else None
     cls = error_class(error_type, status, None, not_found)
-    return cls(message, status=status, error_type=error_type)
+    return cls(message, status=status, error_type=error_type, param=param)
 
 
 def from_http(

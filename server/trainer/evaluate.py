@@ -123,7 +123,7 @@ def evaluate_local(
 
 def evaluate_tasks(llm: Any, adapter_id: str | None, names: Sequence[str], manager: Any) -> dict[str, Any]:
     """lm-eval `names` for the base and the adapter, in one continuous batch on `llm`:
-    {"base": {task: {metric: value}}, "adapter": {...}}, lm-eval's numeric results (+ "ece,none")."""
+    {"base": {task: {metric: value}}, "adapter": {...}}: lm-eval's "metric,filter" results (+ "ece,none")."""
     from adapterd.server.evaluation.backends import LocalBackend
     from adapterd.server.evaluation.compare import BASE, compare
 
@@ -133,7 +133,7 @@ def evaluate_tasks(llm: Any, adapter_id: str | None, names: Sequence[str], manag
     )
     numbers = {
         model: {
-            task: {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            task: {k: v for k, v in values.items() if "," in k and isinstance(v, int | float)}
             for task, values in results.items()
         }
         for model, results in comparison.results.items()

@@ -60,6 +60,8 @@ def _extract(members: tarfile.TarFile, dest: Path, max_bytes: int) -> None:
         if count > MAX_MEMBERS:
             raise InvalidTasks(f"more than {MAX_MEMBERS} members")
         path = _member_path(member)
+        if path is None:  # "." (tar -C DIR -cf tasks.tar .)
+            continue
         if member.isdir():
             (dest / path).mkdir(parents=True, exist_ok=True)
             continue
@@ -74,9 +76,11 @@ def _extract(members: tarfile.TarFile, dest: Path, max_bytes: int) -> None:
             shutil.copyfileobj(source, out, CHUNK)
 
 
-def _member_path(member: tarfile.TarInfo) -> PurePosixPath:
+def _member_path(member: tarfile.TarInfo) -> PurePosixPath | None:
     path = PurePosixPath(member.name)
     parts = [p for p in path.parts if p != "."]
+    if not parts and member.isdir():
+        return None
     if path.is_absolute() or ".." in parts or not parts:
         raise InvalidTasks(f"{member.name!r}: only relative paths inside the archive")
     if not (member.isfile() or member.isdir()):

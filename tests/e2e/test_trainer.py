@@ -15,8 +15,10 @@ import functools
 import json
 import os
 import random
+import re
 import signal
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,16 +32,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from adapterd.clients import PermissionDenied, TrainerClient, Unauthorized
+from adapterd.clients import InvalidRequest, PermissionDenied, TrainerClient, Unauthorized
 from adapterd.server.model.resolve import ResolvedModel
-from adapterd.server.trainer.jobs import INTERRUPTED
+from adapterd.server.trainer.jobs import ENDED, INTERRUPTED
 from adapterd.v1 import generation_pb2, generation_pb2_grpc, training_pb2, training_pb2_grpc
 from tests.e2e import serving
 from tests.reference import make_lora_adapter
 
 TRAINER = (serving.ADAPTERD,)  # `adapterd trainer`
 EVAL = (serving.ADAPTERD, "eval")  # `adapterd eval`
-ENDED = ("succeeded", "failed", "cancelled")
 NUM_TRAIN, NUM_EVAL = 400, 40
 LORA = {"adapter_id": "ledger-lora", "method": "lora", "max_steps": 24}
 SOFT = {
@@ -446,6 +447,151 @@ def test_qlora_job_serves_on_the_nf4_base(tiny: serving.Server, tiny_trainer: Tr
         assert answer.status_code == 200
         matches += answer.json()["generated_text"] == json.loads(line)["prediction"]
     assert matches >= 3  # bitsandbytes' CPU kernels may flip a near-tie between batch shapes
+
+
+MC_TASK = "ledger_mc"
+MC_TASK_YAML = f"""\
+task: {MC_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: data/mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Date: {{{{iso}}}}\\nLedger:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+target_delimiter: " "
+metric_list:
+  - metric: acc
+"""
+
+
+def mc_task_dir(root: Path) -> Path:
+    """A local multiple-choice task shipped with a job: which of four spellings is the ledger date. Its data
+    path is relative to the directory, as a shipped task's must be."""
+    records = []
+    for i, (year, month, day) in enumerate(HELD_OUT[:8]):
+        right = ledger((year, month, day))
+        wrong = [  # as long as the right one, so that no choice wins by its length alone
+            f"{month:02d}.{day:02d}.{year}",
+            f"{day:02d}.{month:02d}.{year + 1}",
+            f"{day:02d}/{month:02d}/{year}",
+        ]
+        choices = [*wrong[: i % 4], right, *wrong[i % 4 :]]
+        records.append({"iso": f"{year}-{month:02d}-{day:02d}", "choices": choices, "answer": i % 4})
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / f"{MC_TASK}.yaml").write_text(MC_TASK_YAML)
+    return root
+
+
+def lm_eval_hf_accuracy(
+    model: str, adapter: Path | None, task_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> float:
+    """lm-eval's own scoring of the task: transformers, plus PEFT's adapter when given (fp32, CPU)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(task_dir)  # the task's data path is relative
+    model_args = f"pretrained={model},dtype=float32,device=cpu" + (f",peft={adapter}" if adapter else "")
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=[MC_TASK], task_manager=manager)
+    return float(out["results"][MC_TASK]["acc,none"])
+
+
+def test_eval_tasks_gate_registration(
+    tiny: serving.Server,
+    tiny_trainer: Trainer,
+    tiny_model: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job ships a local lm-eval task: a gate the adapter passes registers it, with lm-eval's scores for
+    the base and the adapter equal to lm-eval's hf + peft; a gate it cannot pass (over gRPC) rejects it."""
+    tasks = mc_task_dir(tmp_path / "tasks")
+    data, held_out = [plain(d) for d in TRAIN[:40]], [plain(d) for d in HELD_OUT[:4]]
+    config = {"method": "lora", "max_steps": 4, "rank": 4, "eval_tasks": [MC_TASK]}
+    with TrainerClient(tiny_trainer.url, timeout=60) as client:
+        gate = {"task": MC_TASK, "metric": "acc", "min_delta": -1.0}
+        job = client.submit(
+            {**config, "adapter_id": "tiny-gated", "register_if": gate}, data, held_out, tasks
+        )
+    job = wait_for_end(tiny_trainer, job["id"], timeout=240)
+    assert job["status"] == "succeeded", job["error"]
+    scores = job["metrics"]["tasks"]
+    adapter_dir = tiny_trainer.work_dir / "jobs" / job["id"] / "adapter"
+    for model, adapter in (("base", None), ("adapter", adapter_dir)):
+        assert scores[model][MC_TASK]["acc,none"] == lm_eval_hf_accuracy(
+            tiny_model, adapter, tasks, monkeypatch
+        )
+        assert "acc_stderr,none" in scores[model][MC_TASK] and 0 <= scores[model][MC_TASK]["ece,none"] <= 1
+    outcome = job["metrics"]["gate"]
+    assert outcome["passed"] and outcome["metric"] == "acc,none"
+    assert outcome["delta"] == scores["adapter"][MC_TASK]["acc,none"] - scores["base"][MC_TASK]["acc,none"]
+    metadata = httpx.get(f"{tiny.url}/v1/adapters/tiny-gated").json()["metadata"]
+    assert metadata["metrics"]["tasks"] == scores and metadata["metrics"]["gate"] == outcome
+
+    archive = tmp_path / "tasks.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tasks, arcname=".")
+    gate_pb = training_pb2.RegisterIf(task=MC_TASK, metric="acc,none", min_delta=2.0)
+    message = training_pb2.JobConfig(
+        adapter_id="tiny-refused",
+        method="lora",
+        max_steps=4,
+        rank=4,
+        eval_tasks=[MC_TASK],
+        register_if=gate_pb,
+    )
+    parts = [training_pb2.SubmitJobRequest(config=message)]
+    parts += [training_pb2.SubmitJobRequest(data_chunk=jsonl(data))]
+    parts += [training_pb2.SubmitJobRequest(tasks_chunk=archive.read_bytes())]
+    submitted = tiny_trainer.training.SubmitJob(iter(parts), timeout=60)
+    job = wait_for_end(tiny_trainer, submitted.id, timeout=240)
+    assert job["status"] == "rejected" and job["adapter"] is None
+    assert job["error"].startswith(f"not registered: on {MC_TASK}, acc,none is ")
+    assert "register_if asks for min_delta +2.0000" in job["error"]
+    assert httpx.get(f"{tiny.url}/v1/adapters/tiny-refused").status_code == 404
+    described = tiny_trainer.training.GetJob(training_pb2.GetJobRequest(id=job["id"]))
+    assert described.status == "rejected" and not described.metrics.gate.passed
+    assert described.metrics.gate.min_delta == 2.0 and described.config.register_if.min_delta == 2.0
+    assert (
+        described.metrics.tasks["adapter"][MC_TASK]["acc,none"]
+        == job["metrics"]["tasks"]["adapter"][MC_TASK]["acc,none"]
+    )
+
+
+def test_eval_tasks_are_refused_at_submission(tiny_trainer: Trainer, tmp_path: Path) -> None:
+    """An unknown task, a broken shipped YAML, shipped code, and a gate on a task not evaluated: a clear 400,
+    and no job."""
+    good = [plain(d) for d in TRAIN[:4]]
+    before = httpx.get(f"{tiny_trainer.url}/v1/training/jobs").json()["data"]
+    broken = mc_task_dir(tmp_path / "broken")
+    (broken / "bad.yaml").write_text("task: bad\noutput_type: [not, a, type\n")
+    coded = mc_task_dir(tmp_path / "coded")
+    (coded / "utils.py").write_text("import os\n")
+    with TrainerClient(tiny_trainer.url, timeout=120) as client:
+        for config, tasks, param, words in [
+            (
+                {"eval_tasks": ["no_such_task_anywhere"]},
+                None,
+                "config.eval_tasks",
+                "unknown task 'no_such_task_anywhere'",
+            ),
+            ({"eval_tasks": [MC_TASK]}, broken, None, "tasks: bad.yaml: invalid YAML"),
+            ({"eval_tasks": [MC_TASK]}, coded, None, "'utils.py': only task YAML and data files"),
+            (
+                {"eval_tasks": [MC_TASK], "register_if": {"task": "arc_easy", "metric": "acc"}},
+                None,
+                "config.register_if.task",
+                "must be one of eval_tasks or held_out",
+            ),
+        ]:
+            with pytest.raises(InvalidRequest, match=re.escape(words)) as caught:
+                client.submit({"adapter_id": "x", "method": "lora", **config}, good, None, tasks)
+            assert caught.value.param == param
+    assert httpx.get(f"{tiny_trainer.url}/v1/training/jobs").json()["data"] == before
 
 
 def evaluate_grpc(trainer: Trainer, adapter_id: str, data: bytes, header: bool = True) -> Any:

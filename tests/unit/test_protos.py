@@ -181,6 +181,7 @@ def test_round_trips_cover_every_request_and_oneof_member() -> None:
         ("config",),
         ("data_chunk",),
         ("eval_data_chunk",),
+        ("tasks_chunk",),
     }
 
 
