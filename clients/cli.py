@@ -17,16 +17,28 @@ SERVER_EXTRA_HINT = "this command needs the server extras: pip install 'adapterd
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model and engine flags of run and serve; their defaults are EngineConfig's (the one place)."""
+    from adapterd.server.config import EngineConfig  # plain dataclasses: no torch
+
+    defaults = EngineConfig()
     parser.add_argument("--model", default="default", help="default | PATH (HF dir or .gguf) | HUB_ID")
     parser.add_argument("--quantize", default="auto", choices=["auto", "nf4", "int8", "none"])
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-rank", type=int, default=64)
-    parser.add_argument("--max-gpu-adapters", type=int, default=8)
-    parser.add_argument("--max-soft-prompts", type=int, default=8)
-    parser.add_argument("--kv-cache-tokens", type=int, default=16384, help="KV cache budget in tokens")
+    parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
+    parser.add_argument("--max-rank", type=int, default=defaults.max_rank)
+    parser.add_argument("--max-gpu-adapters", type=int, default=defaults.max_gpu_adapters)
+    parser.add_argument("--max-soft-prompts", type=int, default=defaults.max_soft_prompts)
+    parser.add_argument(
+        "--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens, help="KV cache budget in tokens"
+    )
     parser.add_argument(
         "--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs (GPU)"
+    )
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="recompute every prompt (default: reuse cached KV blocks of the same model and leading tokens)",
     )
 
 

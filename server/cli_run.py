@@ -22,6 +22,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_soft_prompts=args.max_soft_prompts,
         kv_cache_tokens=args.kv_cache_tokens,
         cuda_graphs=not args.enforce_eager,
+        prefix_caching=args.prefix_caching,
     )
 
 

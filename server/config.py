@@ -45,6 +45,7 @@ class EngineConfig:
     max_seq_len: int = 4096
     max_prefill_tokens: int = 4096
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs on a GPU (`--enforce-eager`: off)
+    prefix_caching: bool = True  # reuse computed KV blocks of the same model and leading tokens
 
     def __post_init__(self) -> None:
         assert self.max_batch >= 1 and self.max_rank >= 1

@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TierCounts = Callable[[], dict[str, tuple[int, int]]]  # tier -> (loads, evictions), read at scrape time
+PrefixCounts = Callable[
+    [], tuple[int, int, int]
+]  # (prompt tokens admitted, of them cache hits, cached blocks)
 
 
 class AdapterTierCollector(Collector):
@@ -24,6 +27,28 @@ class AdapterTierCollector(Collector):
             evictions.add_metric([tier], num_evictions)
         yield loads
         yield evictions
+
+
+class PrefixCacheCollector(Collector):
+    def __init__(self, counts: PrefixCounts) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        queried, hits, blocks = self.counts()
+        yield CounterMetricFamily(
+            "adapterd_prefix_cache_queries", "Prompt tokens admitted (looked up in the prefix cache)", queried
+        )
+        yield CounterMetricFamily(
+            "adapterd_prefix_cache_hits", "Prompt tokens taken from the prefix cache", hits
+        )
+        yield GaugeMetricFamily(
+            "adapterd_prefix_cache_hit_rate",
+            "Prefix cache hits / queries since start",
+            hits / queried if queried else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "adapterd_prefix_cache_blocks", "KV blocks findable in the prefix cache", blocks
+        )
 
 
 class Metrics:
@@ -41,11 +66,16 @@ class Metrics:
         )
 
     def watch(
-        self, queue_depth: Callable[[], float], running: Callable[[], float], tiers: TierCounts
+        self,
+        queue_depth: Callable[[], float],
+        running: Callable[[], float],
+        tiers: TierCounts,
+        prefix_cache: PrefixCounts,
     ) -> None:
         self.queue_depth.set_function(queue_depth)
         self.running.set_function(running)
         self.registry.register(AdapterTierCollector(tiers))
+        self.registry.register(PrefixCacheCollector(prefix_cache))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -37,10 +37,18 @@ def load_adapter(
     spec, tensors = _validated(record.path, base, max_rank)
     if spec.kind == "lora":
         return LoadedAdapter(
-            record.id, spec, lora=lora_weights(spec, tensors, dtype, pin_memory), version=record.version
+            record.id,
+            spec,
+            lora=lora_weights(spec, tensors, dtype, pin_memory),
+            version=record.version,
+            digest=record.sha256,
         )
     return LoadedAdapter(
-        record.id, spec, prompt=prompt_embeddings(spec, tensors, dtype), version=record.version
+        record.id,
+        spec,
+        prompt=prompt_embeddings(spec, tensors, dtype),
+        version=record.version,
+        digest=record.sha256,
     )
 
 

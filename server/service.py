@@ -36,8 +36,13 @@ class Service:
         self._token_texts: dict[int, str] = {}
         tokenizer = llm.tokenizer
         self._special_ids = set(tokenizer.all_special_ids) if tokenizer is not None else set()
-        scheduler = llm.engine.scheduler
-        self.metrics.watch(lambda: len(scheduler.waiting), lambda: len(scheduler.running), self._tier_counts)
+        scheduler, blocks = llm.engine.scheduler, llm.engine.blocks
+        self.metrics.watch(
+            lambda: len(scheduler.waiting),
+            lambda: len(scheduler.running),
+            self._tier_counts,
+            lambda: (blocks.queried_tokens, blocks.hit_tokens, blocks.num_cached_blocks),
+        )
 
     @property
     def model_name(self) -> str:

@@ -8,6 +8,7 @@ it (pinned), and is evicted least-recently-used when a new one needs the room. S
 from __future__ import annotations
 
 import itertools
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -34,6 +35,9 @@ class LoadedAdapter:
     lora: LoraWeights | None = None
     prompt: torch.Tensor | None = None  # [V, hidden]
     version: int = field(default_factory=lambda: next(_versions))  # the store's version when it has one
+    # What its weights are: the store's sha256 of the files, else unique to this load. Prefix-cache keys
+    # start from it (a store version number starts again at 1 after a delete).
+    digest: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def is_lora(self) -> bool:

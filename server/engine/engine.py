@@ -35,7 +35,7 @@ class LLMEngine:
         self.max_positions = getattr(model.config, "max_position_embeddings", config.max_seq_len)
         self.vocab_size = model.config.vocab_size
         self.adapters = AdapterSlots(model, config, dtype, device)
-        self.blocks = BlockAllocator(config.num_kv_blocks, config.kv_block_size)
+        self.blocks = BlockAllocator(config.num_kv_blocks, config.kv_block_size, config.prefix_caching)
         # One block past the allocator's: the spare slot that padding rows of a CUDA-graph step write to.
         self.pad_slot = config.num_kv_blocks * config.kv_block_size
         kv = KVCache(model.config, self.pad_slot + config.kv_block_size, dtype, device)
@@ -128,6 +128,8 @@ class LLMEngine:
         if not seqs:
             return
         logits = self.runner.run(seqs, is_prefill)
+        for seq in seqs:
+            self.blocks.commit(seq)
         self.postprocess(seqs, self.choose(logits, seqs))
 
     def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob]:

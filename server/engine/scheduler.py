@@ -1,7 +1,8 @@
 """Continuous batching: each step either prefills newly admitted sequences or decodes the running ones.
 
 Admission is FIFO and needs three things: a batch row, KV blocks for the whole prefill, and a slot for the
-sequence's adapter. When decoding runs out of KV blocks the newest running sequence is preempted: its
+sequence's adapter. A sequence first takes whatever leading blocks the prefix cache holds for its model and
+tokens; only the rest is prefilled (and counts against the step's prefill budget). When decoding runs out of KV blocks the newest running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
@@ -50,16 +51,20 @@ class Scheduler:
         num_prefill_tokens = 0
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
-            too_many_tokens = num_prefill_tokens + seq.num_tokens > self.config.max_prefill_tokens
+            num_hit = self.blocks.reuse_prefix(seq)
+            num_new = seq.num_tokens - num_hit
+            too_many_tokens = num_prefill_tokens + num_new > self.config.max_prefill_tokens
             if (admitted and too_many_tokens) or not self._can_admit(seq):
+                self.blocks.free(seq)  # the cached blocks it took go back (they stay cached)
                 break
+            self.blocks.record_admission(seq.num_tokens, num_hit)
             self.waiting.popleft()
             self.adapters.acquire(seq.adapter)
             self.blocks.allocate(seq, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            num_prefill_tokens += seq.num_tokens
+            num_prefill_tokens += num_new
         return admitted
 
     def _can_admit(self, seq: Sequence) -> bool:

@@ -38,6 +38,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # leading tokens whose K/V are in the cache
+    num_committed: int = 0  # leading tokens whose blocks are findable in the prefix cache (whole blocks)
+    block_keys: list[bytes] = field(default_factory=list)  # prefix key of each full block so far
     status: Status = Status.WAITING
     is_cancelled: bool = False
     generator: torch.Generator | None = None  # seeded sampling; None for greedy

@@ -106,6 +106,7 @@ def _params(body: dict[str, Any], max_tokens_default: int, choices: Choices) -> 
         stop=stop_list(body.get("stop")),
         top_logprobs=choices.logprobs or 0,
         prompt_logprobs=prompt_logprobs,
+        ignore_eos=field(body, "ignore_eos", bool, False),  # vLLM's extension: generate max_tokens always
     )
 
 

@@ -207,6 +207,43 @@ def test_chat_routes_answer_pefts_tokens(server: Server, uploaded, model: Path, 
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == want
 
 
+SYSTEM_PROMPT = "You are a careful assistant for a shipping company. " * 8
+
+
+def test_a_shared_system_prompt_comes_from_the_prefix_cache_of_its_own_model(
+    server: Server, uploaded, model: Path, tokenizer
+):
+    """Two chats with one long system prompt, per model: the second takes the system prompt's blocks from
+    the cache (/metrics counts it), the first of each model takes none of another model's, and both answer
+    PEFT's tokens."""
+    for adapter in ("lora1", "soft", None):
+        peft = load_base(model) if adapter is None else load_peft(model, uploaded[adapter])
+        decode = greedy_forward if adapter == "soft" else greedy_generate
+        for turn, question in enumerate(("Where is my parcel?", "Can I change the address?")):
+            messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+            ids = encode_chat(tokenizer, messages)
+            want = tokenizer.decode(
+                decode(peft, ids, NEW_TOKENS, tokenizer.eos_token_id), skip_special_tokens=True
+            )
+            before = metric(httpx.get(f"{server.url}/metrics").text, "adapterd_prefix_cache_hits_total")
+            body = {
+                "model": adapter or server_model_name(server),
+                "messages": messages,
+                "max_tokens": NEW_TOKENS,
+            }
+            reply = httpx.post(
+                f"{server.url}/v1/chat/completions", json={**body, "temperature": 0}, timeout=60
+            )
+            assert reply.json()["choices"][0]["message"]["content"] == want, (adapter, turn)
+            hits = (
+                metric(httpx.get(f"{server.url}/metrics").text, "adapterd_prefix_cache_hits_total") - before
+            )
+            assert (hits >= 64) if turn else (hits == 0), (adapter, turn, hits)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert metric(metrics, "adapterd_prefix_cache_blocks") > 0
+    assert 0 < metric(metrics, "adapterd_prefix_cache_hit_rate") < 1
+
+
 def server_model_name(server: Server) -> str:
     return httpx.get(f"{server.url}/info").json()["model_id"]
 
