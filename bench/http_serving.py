@@ -105,7 +105,14 @@ def free_port() -> int:
 def start_server(store: Path, log: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     command = [
-        *(str(Path(sys.executable).with_name("adapterd")), "serve", "--model", "default", "--quantize", "none"),
+        *(
+            str(Path(sys.executable).with_name("adapterd")),
+            "serve",
+            "--model",
+            "default",
+            "--quantize",
+            "none",
+        ),
         *(
             "--device",
             "cpu",
