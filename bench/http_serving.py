@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poisson-requests", type=int, default=18)
     parser.add_argument("--server-args", default="", help="extra `adapterd serve` flags, space-separated")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument(
+        "--cases", default="single,base8,lora8,poisson,system,long", help="which server cases to run"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results-serving.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -331,16 +334,24 @@ def main(argv: list[str] | None = None) -> None:
                 upload(url, adapter_id, path)
             base = httpx.get(f"{url}/info").json()["model_id"]
             asyncio.run(concurrent(url, ids))  # warm-up: every adapter in its slot
-            results["single"] = [summary(asyncio.run(sequential(url, ids[0], 4))) for _ in range(args.rounds)]
-            results["base8"] = [summary(asyncio.run(concurrent(url, [base] * 8))) for _ in range(args.rounds)]
-            results["lora8"] = [summary(asyncio.run(concurrent(url, ids))) for _ in range(args.rounds)]
-            mix = [base, *ids]
-            results["poisson"] = {
-                rate: summary(asyncio.run(poisson(url, mix, float(rate), args.poisson_requests, seed=1)))
-                for rate in args.rates.split(",")
-            }
-            results["system"] = asyncio.run(system_prompt(url, ids[1], ids[2]))
-            results["long"] = asyncio.run(long_prompt(url, ids))
+            cases = set(args.cases.split(","))
+            rounds = range(args.rounds)
+            if "single" in cases:
+                results["single"] = [summary(asyncio.run(sequential(url, ids[0], 4))) for _ in rounds]
+            if "base8" in cases:
+                results["base8"] = [summary(asyncio.run(concurrent(url, [base] * 8))) for _ in rounds]
+            if "lora8" in cases:
+                results["lora8"] = [summary(asyncio.run(concurrent(url, ids))) for _ in rounds]
+            if "poisson" in cases:
+                mix = [base, *ids]
+                results["poisson"] = {
+                    rate: summary(asyncio.run(poisson(url, mix, float(rate), args.poisson_requests, seed=1)))
+                    for rate in args.rates.split(",")
+                }
+            if "system" in cases:
+                results["system"] = asyncio.run(system_prompt(url, ids[1], ids[2]))
+            if "long" in cases:
+                results["long"] = asyncio.run(long_prompt(url, ids))
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -359,6 +370,8 @@ def _rate(rounds: list[dict[str, Any]]) -> str:
 def print_report(results: dict[str, Any]) -> None:
     print(f"\ngenerated tokens/s end to end, {NEW_TOKENS} new tokens per request (rounds: min-max)")
     for case in ("single", "base8", "lora8"):
+        if case not in results:
+            continue
         rounds = results[case]
         itl = statistics.median(r["itl_s"]["p50"] for r in rounds) * 1000
         ttft = statistics.median(r["ttft_s"]["p50"] for r in rounds) * 1000
@@ -368,26 +381,35 @@ def print_report(results: dict[str, Any]) -> None:
             print(
                 f"  {case:<8} {results[case]['tokens_per_s']:>12.1f} tok/s   (transformers + PEFT generate())"
             )
-    if "peft_lora8" in results:
+    if "peft_lora8" in results and "lora8" in results and "base8" in results:
         best = max(r["tokens_per_s"] for r in results["lora8"])
         base = max(r["tokens_per_s"] for r in results["base8"])
         print(
             f"  lora8 / PEFT mixed batch: {best / results['peft_lora8']['tokens_per_s']:.2f}x (target >= 3)"
         )
         print(f"  lora8 / base8 on adapterd: {best / base:.2f}x (target >= 0.8)")
-    print("poisson arrivals (rate req/s: tok/s, TTFT p50/p99, ITL p50/p99, e2e p50 in s)")
-    for rate, s in results["poisson"].items():
+    if "poisson" in results:
+        print("poisson arrivals (rate req/s: tok/s, TTFT p50/p99, ITL p50/p99, e2e p50 in s)")
+    for rate, s in results.get("poisson", {}).items():
         print(
             f"  {rate:>4}: {s['tokens_per_s']:6.1f} tok/s  TTFT {s['ttft_s']['p50']:.3f}/{s['ttft_s']['p99']:.3f}"
             f"  ITL {s['itl_s']['p50']:.3f}/{s['itl_s']['p99']:.3f}  e2e {s['e2e_s']['p50']:.2f}"
         )
-    system = results["system"]
+    if "system" in results:
+        print_system(results["system"])
+    if "long" in results:
+        print_long(results["long"])
+
+
+def print_system(system: dict[str, Any]) -> None:
     print(
         f"system prompt (512 tokens, 16 requests on one LoRA): first TTFT {system['first_ttft_s']:.3f} s, later median "
         f"{system['later_ttft_median_s']:.3f} s = {system['later_over_first']:.2f}x (target <= 0.25); "
         f"another LoRA {system['other_adapter_ttft_s']:.3f} s"
     )
-    long = results["long"]
+
+
+def print_long(long: dict[str, Any]) -> None:
     print(
         f"2,000-token prompt among 7 streams: streams' ITL p99/p50 = {long['p99_over_median_itl']:.1f}x (target <= 3), "
         f"its TTFT {long['long_prompt_ttft_s']:.2f} s"
