@@ -32,6 +32,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens, help="KV cache budget in tokens"
     )
     parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=defaults.prefill_chunk_tokens,
+        help="prompt tokens a prefill step computes while other requests decode (chunked prefill)",
+    )
+    parser.add_argument(
         "--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs (GPU)"
     )
     parser.add_argument(

@@ -23,6 +23,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         cuda_graphs=not args.enforce_eager,
         prefix_caching=args.prefix_caching,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
     )
 
 

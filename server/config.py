@@ -43,7 +43,8 @@ class EngineConfig:
     kv_block_size: int = 16
     kv_cache_tokens: int = 16384
     max_seq_len: int = 4096
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 4096  # new tokens one prefill step computes
+    prefill_chunk_tokens: int = 256  # ... while other sequences are decoding (chunked prefill)
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs on a GPU (`--enforce-eager`: off)
     prefix_caching: bool = True  # reuse computed KV blocks of the same model and leading tokens
 
@@ -51,6 +52,7 @@ class EngineConfig:
         assert self.max_batch >= 1 and self.max_rank >= 1
         assert self.kv_block_size >= 1 and self.kv_cache_tokens >= self.kv_block_size
         assert self.max_gpu_adapters >= 1 and self.max_soft_prompts >= 1
+        assert self.prefill_chunk_tokens >= 1 and self.max_prefill_tokens >= 1
 
     @property
     def num_kv_blocks(self) -> int:

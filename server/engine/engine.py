@@ -130,7 +130,11 @@ class LLMEngine:
         logits = self.runner.run(seqs, is_prefill)
         for seq in seqs:
             self.blocks.commit(seq)
-        self.postprocess(seqs, self.choose(logits, seqs))
+        ready = [row for row, seq in enumerate(seqs) if not seq.is_prefilling]  # whole prompt in: sample
+        if len(ready) < len(seqs):
+            logits, seqs = logits[ready], [seqs[row] for row in ready]
+        if seqs:
+            self.postprocess(seqs, self.choose(logits, seqs))
 
     def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob]:
         """Sample each row's next token and score it, with the alternatives the rows asked for."""

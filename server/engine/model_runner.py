@@ -32,7 +32,7 @@ class ModelRunner:
         else:
             logits = self.forward(batch.to(self.device))
         for seq in seqs:
-            seq.num_cached = seq.num_tokens
+            seq.num_cached += seq.num_scheduled
         return logits
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -66,7 +66,7 @@ class ModelRunner:
         """The step's batch, built on the host from the sequences' Python state (moving it to the device is
         one pass of non-blocking copies): no device-to-host synchronisation while a step is prepared."""
         starts = [seq.num_cached if is_prefill else seq.num_tokens - 1 for seq in seqs]
-        new_ids = [seq.token_ids(start) for seq, start in zip(seqs, starts, strict=True)]
+        new_ids = [seq.token_ids(start)[: seq.num_scheduled] for seq, start in zip(seqs, starts, strict=True)]
         lengths = [len(ids) for ids in new_ids]
         width, num_keys = max(lengths), max(s + n for s, n in zip(starts, lengths, strict=True))
         long = torch.long

@@ -1,8 +1,11 @@
-"""Continuous batching: each step either prefills newly admitted sequences or decodes the running ones.
+"""Continuous batching: each step either prefills (chunks of) admitted sequences or decodes the running ones.
 
-Admission is FIFO and needs three things: a batch row, KV blocks for the whole prefill, and a slot for the
+Admission is FIFO and needs three things: a batch row, KV blocks for the whole sequence, and a slot for the
 sequence's adapter. A sequence first takes whatever leading blocks the prefix cache holds for its model and
-tokens; only the rest is prefilled (and counts against the step's prefill budget). When decoding runs out of KV blocks the newest running sequence is preempted: its
+tokens; only the rest is prefilled. Prefill is chunked: a step computes at most `max_prefill_tokens` new
+tokens, and only `prefill_chunk_tokens` while other sequences are decoding; and while they are, prefill and
+decode steps alternate, so a long prompt arriving mid-stream delays each stream by one chunk at a time
+instead of freezing it for the whole prompt. A sequence is sampled only once its whole prompt is in. When decoding runs out of KV blocks the newest running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
@@ -24,6 +27,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.last_was_prefill = False
 
     @property
     def has_work(self) -> bool:
@@ -33,11 +37,32 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences of the next step, and whether it is a prefill step."""
-        admitted = self._admit()
-        if admitted:
-            return admitted, True
-        return self._reserve_decode(), False
+        """The sequences of the next step (each with `num_scheduled` new tokens), and whether it prefills."""
+        self._admit()
+        decoding = [s for s in self.running if not s.is_prefilling]
+        prefilling = [s for s in self.running if s.is_prefilling]
+        if prefilling and not (decoding and self.last_was_prefill):
+            self.last_was_prefill = True
+            budget = self.config.prefill_chunk_tokens if decoding else self.config.max_prefill_tokens
+            return self._chunks(prefilling, budget), True
+        self.last_was_prefill = False
+        return self._reserve_decode(decoding), False
+
+    def _chunks(self, prefilling: list[Sequence], budget: int) -> list[Sequence]:
+        """The next chunk of each prefilling sequence, oldest first, within `budget` new tokens. A sequence
+        that scores its prompt goes whole (its scores need every position's hidden state in one forward)."""
+        scheduled: list[Sequence] = []
+        for seq in prefilling:
+            remaining = seq.num_tokens - seq.num_cached
+            take = remaining if seq.params.prompt_logprobs is not None else min(remaining, budget)
+            if take > budget and scheduled:
+                break
+            seq.num_scheduled = take
+            scheduled.append(seq)
+            budget -= take
+            if budget <= 0:
+                break
+        return scheduled
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -48,13 +73,10 @@ class Scheduler:
 
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
-        num_prefill_tokens = 0
         while self.waiting and len(self.running) < self.config.max_batch:
             seq = self.waiting[0]
             num_hit = self.blocks.reuse_prefix(seq)
-            num_new = seq.num_tokens - num_hit
-            too_many_tokens = num_prefill_tokens + num_new > self.config.max_prefill_tokens
-            if (admitted and too_many_tokens) or not self._can_admit(seq):
+            if not self._can_admit(seq):
                 self.blocks.free(seq)  # the cached blocks it took go back (they stay cached)
                 break
             self.blocks.record_admission(seq.num_tokens, num_hit)
@@ -64,16 +86,16 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            num_prefill_tokens += num_new
         return admitted
 
     def _can_admit(self, seq: Sequence) -> bool:
         return self.blocks.can_allocate(seq, seq.num_tokens) and self.adapters.can_place(seq.adapter)
 
-    def _reserve_decode(self) -> list[Sequence]:
-        """Make room in the cache for one more token of every running sequence, preempting if needed."""
+    def _reserve_decode(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Make room in the cache for one more token of every decoding sequence, preempting if needed (the
+        newest running sequence first, a prefilling one included)."""
         scheduled: list[Sequence] = []
-        for seq in list(self.running):
+        for seq in decoding:
             if seq not in self.running:
                 continue  # preempted while making room for an older sequence
             while not self.blocks.can_allocate(seq, seq.num_tokens):
@@ -82,6 +104,7 @@ class Scheduler:
                     break
             else:
                 self.blocks.allocate(seq, seq.num_tokens)
+                seq.num_scheduled = 1
                 scheduled.append(seq)
         return scheduled
 

@@ -38,6 +38,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # leading tokens whose K/V are in the cache
+    num_scheduled: int = 0  # new tokens the current step computes (a prefill chunk, or 1 to decode)
     num_committed: int = 0  # leading tokens whose blocks are findable in the prefix cache (whole blocks)
     block_keys: list[bytes] = field(default_factory=list)  # prefix key of each full block so far
     status: Status = Status.WAITING
@@ -50,6 +51,12 @@ class Sequence:
     @property
     def needs_prompt_scores(self) -> bool:
         return self.params.prompt_logprobs is not None and self.prompt_logprobs is None
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the last token still lacks K/V (its prompt, or a recompute, is not all in yet), or its
+        prompt is still to be scored (that takes a prefill step, however short the prompt)."""
+        return self.num_tokens - self.num_cached > 1 or self.needs_prompt_scores
 
     @property
     def num_virtual(self) -> int:
