@@ -2,10 +2,11 @@
 
 Admission is FIFO and needs three things: a batch row, KV blocks for the whole sequence, and a slot for the
 sequence's adapter. A sequence first takes whatever leading blocks the prefix cache holds for its model and
-tokens; only the rest is prefilled. Prefill is chunked: a step computes at most `max_prefill_tokens` new
-tokens, and only `prefill_chunk_tokens` while other sequences are decoding; and while they are, prefill and
-decode steps alternate, so a long prompt arriving mid-stream delays each stream by one chunk at a time
-instead of freezing it for the whole prompt. A sequence is sampled only once its whole prompt is in. When decoding runs out of KV blocks the newest running sequence is preempted: its
+tokens; only the rest is prefilled. Prompts that fit the step's budget are prefilled first, as they come
+(they join the decoding batch at once). A longer one is chunked: a step computes at most
+`max_prefill_tokens` new tokens, and only `prefill_chunk_tokens` while other sequences are decoding, and
+then decode steps and chunks alternate, so a long prompt arriving mid-stream delays each stream by one
+chunk at a time instead of freezing it for the whole prompt. A sequence is sampled once its prompt is in. When decoding runs out of KV blocks the newest running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
@@ -28,6 +29,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.last_was_prefill = False
+        self.is_chunking = False  # the last prefill step left a prompt unfinished: decode before the next
 
     @property
     def has_work(self) -> bool:
@@ -41,11 +43,13 @@ class Scheduler:
         self._admit()
         decoding = [s for s in self.running if not s.is_prefilling]
         prefilling = [s for s in self.running if s.is_prefilling]
-        if prefilling and not (decoding and self.last_was_prefill):
-            self.last_was_prefill = True
+        if prefilling and not (decoding and self.is_chunking):
             budget = self.config.prefill_chunk_tokens if decoding else self.config.max_prefill_tokens
-            return self._chunks(prefilling, budget), True
-        self.last_was_prefill = False
+            chunks = self._chunks(prefilling, budget)
+            self.last_was_prefill = True
+            self.is_chunking = any(s.num_scheduled < s.num_tokens - s.num_cached for s in chunks)
+            return chunks, True
+        self.last_was_prefill = self.is_chunking = False
         return self._reserve_decode(decoding), False
 
     def _chunks(self, prefilling: list[Sequence], budget: int) -> list[Sequence]:
