@@ -37,3 +37,22 @@ def test_several_filters_must_be_told_apart() -> None:
 def test_the_held_out_scores() -> None:
     outcome = decide({"task": "held_out", "metric": "rougeL", "min_delta": 0.0}, metrics({}, {}))
     assert outcome["base"] == outcome["adapter"] == 0.4 and outcome["passed"]
+
+
+def test_train_submit_flags_make_the_gate() -> None:
+    from adapterd.clients.cli import build_parser
+    from adapterd.clients.cli_train import job_config
+
+    line = ["train", "submit", "--data", "d.jsonl", "--adapter-id", "a", "--method", "lora"]
+    args = build_parser("train").parse_args(
+        [*line, "--eval-tasks", "my_task,arc_easy", "--register-if", "my_task:exact_match,strict-match:0.02"]
+    )
+    config = job_config(args)
+    assert config["eval_tasks"] == ["my_task", "arc_easy"]
+    assert config["register_if"] == {
+        "task": "my_task",
+        "metric": "exact_match,strict-match",
+        "min_delta": 0.02,
+    }
+    with pytest.raises(SystemExit):
+        job_config(build_parser("train").parse_args([*line, "--register-if", "my_task:acc:lots"]))
