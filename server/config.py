@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 Quantize = Literal["auto", "nf4", "int8", "none"]
 Device = Literal["auto", "cuda", "cpu"]
+
+
+LORA_KERNELS = {"auto": "auto", "triton": "auto", "torch": "torch"}  # ADAPTERD_LORA_KERNEL -> setting
+
+
+def lora_kernel_from_env() -> str:
+    """$ADAPTERD_LORA_KERNEL: auto (the default; triton means the same) or torch (plain torch ops only)."""
+    value = os.environ.get("ADAPTERD_LORA_KERNEL", "").strip().lower() or "auto"
+    if value not in LORA_KERNELS:
+        raise ValueError(f"ADAPTERD_LORA_KERNEL must be auto, triton or torch, not {value!r}")
+    return LORA_KERNELS[value]
 
 
 def default_cache_dir() -> Path:
@@ -47,6 +58,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 256  # ... while other sequences are decoding (chunked prefill)
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs on a GPU (`--enforce-eager`: off)
     prefix_caching: bool = True  # reuse computed KV blocks of the same model and leading tokens
+    lora_kernel: str = field(default_factory=lora_kernel_from_env)  # "auto" kernels, or "torch" ops only
 
     def __post_init__(self) -> None:
         assert self.max_batch >= 1 and self.max_rank >= 1

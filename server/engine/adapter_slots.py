@@ -17,6 +17,7 @@ import torch
 
 from adapterd.adapters.format import AdapterSpec
 from adapterd.server.model.llama import SHARED_INPUT_GROUPS
+from adapterd.server.model.lora import LoraKernels, choose_kernels
 
 if TYPE_CHECKING:
     from adapterd.adapters.io import LoraWeights
@@ -101,7 +102,10 @@ class AdapterSlots:
         self.max_rank = config.max_rank
         self.lora = SlotPool(config.max_gpu_adapters)
         self.prompts = SlotPool(config.max_soft_prompts)
-        self.lora_storage = LoraSlotStorage(model, config.max_gpu_adapters, config.max_rank, dtype, device)
+        kernels = choose_kernels(config.lora_kernel, device, dtype)  # once for the model
+        self.lora_storage = LoraSlotStorage(
+            model, config.max_gpu_adapters, config.max_rank, dtype, device, kernels
+        )
         hidden = model.config.hidden_size
         model.soft_prompts = torch.zeros(
             config.max_soft_prompts, config.max_virtual_tokens, hidden, dtype=dtype, device=device
@@ -150,7 +154,13 @@ class LoraSlotStorage:
     device, and one batched device-side copy into place."""
 
     def __init__(
-        self, model: LlamaModel, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device
+        self,
+        model: LlamaModel,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kernels: LoraKernels,
     ) -> None:
         self.stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, module) -> A, B
         self.contiguous: list[torch.Tensor] = []  # every A group stack and B stack, for zeroing slots
@@ -167,7 +177,7 @@ class LoraSlotStorage:
                     a = a_stack[:, :, first : first + max_rank]
                     b = torch.zeros(num_slots, max_rank, linear.out_features, dtype=dtype, device=device)
                     self.stacks[(layer_index, name)] = (a, b)
-                    linear.use_slots(a, b, a_stack, first)
+                    linear.use_slots(a, b, a_stack, first, kernels)
                     largest += a[0].numel() + b[0].numel()
                     self.contiguous.append(b)
                 self.contiguous.append(a_stack)

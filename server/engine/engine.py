@@ -17,7 +17,6 @@ from adapterd.server.engine.sampler import sample
 from adapterd.server.engine.scheduler import Scheduler
 from adapterd.server.engine.sequence import EventSink, Sequence
 from adapterd.server.errors import InvalidRequest
-from adapterd.server.model import cpu_lora, lora
 from adapterd.server.model.llama import KVCache, LlamaModel
 from adapterd.server.protocol import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 
@@ -43,8 +42,6 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv, self.adapters, config.kv_block_size)
         if config.cuda_graphs and device.type == "cuda":
             self.use_decode_graphs(capture=True)
-        if device.type == "cpu" and lora.KERNEL == "auto":
-            cpu_lora.kernel()  # built (or found in the cache) now, not in the first request's step
         self.num_generated_tokens = 0
 
     def use_decode_graphs(self, capture: bool) -> None:

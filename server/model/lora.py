@@ -4,17 +4,16 @@ Adapters live in fixed slots of stacked, zero-padded tensors (one pair per targe
 `a[slot] : [in, R]`, `b[slot] : [R, out]`, the LoRA scale folded into b once when the slot is filled.
 Zero padding makes every rank fit one shape: the padded columns contribute exact zeros.
 
-Kernel choice, read once from the environment at import: `ADAPTERD_LORA_KERNEL=auto` (the default; `triton`
-means the same) runs CPU decode rows in fp32 (one adapter or many) through the C++ kernel of `cpu_lora` when
-it builds, and mixed batches on CUDA in fp16/bf16/fp32 through the Triton BGMV/SGMV kernels of `triton_lora`
-when Triton is installed; everything else runs plain torch ops (`bgmv_embedding_bag` for decode rows on the
-CPU, else `bgmv_reference`). `ADAPTERD_LORA_KERNEL=torch` always runs the torch ops (the kill switch, should
-a kernel misbehave on some machine). `KERNEL` holds the value ("auto" or "torch"); tests may reassign it.
+Kernels, chosen once per model when the engine places its slot stacks (`choose_kernels`, from
+`EngineConfig.lora_kernel`): "auto" (the default) runs CPU decode rows in fp32 (one adapter or many) through
+the C++ kernel of `cpu_lora` when it builds, and mixed batches on CUDA in fp16/bf16/fp32 through the Triton
+BGMV/SGMV kernels of `triton_lora` when Triton is installed; everything else runs plain torch ops
+(`bgmv_embedding_bag` for decode rows on the CPU, else `bgmv_reference`). "torch" always runs the torch ops
+(the kill switch, should a kernel misbehave on some machine: `ADAPTERD_LORA_KERNEL=torch`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -24,13 +23,26 @@ from adapterd.server.model import cpu_lora
 from adapterd.server.model.batch import LoraBatch
 from adapterd.server.model.triton_lora import SUPPORTED_DTYPES, bgmv_triton, triton_available
 
-KERNEL = {"": "auto", "auto": "auto", "triton": "auto", "torch": "torch"}.get(
-    os.environ.get("ADAPTERD_LORA_KERNEL", "").strip().lower(), ""
-)
-if not KERNEL:
-    raise ValueError(
-        f"ADAPTERD_LORA_KERNEL must be auto, triton or torch, not {os.environ['ADAPTERD_LORA_KERNEL']!r}"
-    )
+
+@dataclass(frozen=True)
+class LoraKernels:
+    """Which kernels a model's LoRA linears use, decided once (the rows' shape still picks per call)."""
+
+    cpu_decode: bool  # CPU fp32 decode rows through cpu_lora's C++ kernel
+    triton: bool  # CUDA mixed batches through triton_lora
+
+
+TORCH_OPS = LoraKernels(cpu_decode=False, triton=False)
+
+
+def choose_kernels(setting: str, device: torch.device, dtype: torch.dtype) -> LoraKernels:
+    """The kernels for a model on `device` in `dtype`: `setting` "auto" takes whatever works here (building
+    the CPU kernel now, not in the first request's step), "torch" the plain torch ops."""
+    if setting == "torch":
+        return TORCH_OPS
+    if device.type == "cuda":
+        return LoraKernels(cpu_decode=False, triton=dtype in SUPPORTED_DTYPES and triton_available())
+    return LoraKernels(cpu_decode=dtype == torch.float32 and cpu_lora.kernel() is not None, triton=False)
 
 
 def bgmv_reference(
@@ -121,15 +133,21 @@ class _BagPlan:
 
 
 def lora_delta(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: LoraBatch, rows: StackRows | None = None
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lora: LoraBatch,
+    rows: StackRows | None = None,
+    kernels: LoraKernels | None = None,
 ) -> torch.Tensor:
     """The batch's LoRA delta: two plain matmuls when every row uses one adapter; else the Triton kernels
-    on CUDA; else, for decode rows on the CPU with the stacks as tables (`rows`), `bgmv_embedding_bag`; else
-    `bgmv_reference`."""
+    on CUDA (when `kernels` has them; None: whatever works for x); else, for decode rows on the CPU with the
+    stacks as tables (`rows`), `bgmv_embedding_bag`; else `bgmv_reference`."""
     if lora.shared_slot is not None:
         return (x @ a[lora.shared_slot, :, : lora.rank]) @ b[lora.shared_slot, : lora.rank, :]
     if x.is_cuda:
-        if KERNEL == "auto" and x.dtype in SUPPORTED_DTYPES and triton_available():
+        triton = kernels.triton if kernels is not None else x.dtype in SUPPORTED_DTYPES and triton_available()
+        if triton:
             return bgmv_triton(x, a, b, lora.slots, lora.rank)
     elif rows is not None and x.shape[1] == 1:
         return bgmv_embedding_bag(x, rows, lora)
@@ -142,34 +160,21 @@ def add_lora_(
     a: torch.Tensor,
     b: torch.Tensor,
     lora: LoraBatch,
-    rows: StackRows | None = None,
+    rows: StackRows | None,
+    kernels: LoraKernels,
 ) -> torch.Tensor:
     """y += the batch's LoRA delta, in place. Decode rows on the CPU in fp32 (one adapter or many) take the
-    C++ kernel of `cpu_lora` (one call per linear) when it is built and `KERNEL` is "auto"; everything else
-    adds `lora_delta`."""
+    C++ kernel of `cpu_lora` (one call per linear) when `kernels` has it; everything else adds `lora_delta`."""
     if (
-        rows is not None
-        and _cpu_kernel_step(x, lora)
+        kernels.cpu_decode
+        and rows is not None
+        and x.shape[1] == 1
+        and x.dtype == y.dtype == torch.float32
         and x.is_contiguous()
-        and y.dtype == torch.float32
         and y.is_contiguous()
     ):
         return cpu_lora.add_lora_(y, x, rows, lora)
-    return y.add_(lora_delta(x, a, b, lora, rows))
-
-
-def _cpu_kernel_step(x: torch.Tensor, lora: LoraBatch) -> bool:
-    """Whether this step's decode rows take the C++ kernel: decided by the first linear, kept for all."""
-    decided = lora.cache.get("cpu_kernel")
-    if decided is None:
-        decided = lora.cache["cpu_kernel"] = (
-            KERNEL == "auto"
-            and x.shape[1] == 1
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and cpu_lora.kernel() is not None
-        )
-    return decided
+    return y.add_(lora_delta(x, a, b, lora, rows, kernels))
 
 
 class LoRALinear(nn.Module):
@@ -184,14 +189,22 @@ class LoRALinear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [S, in, R]
         self.lora_b: torch.Tensor | None = None  # [S, R, out]
         self.lora_rows: StackRows | None = None
+        self.kernels = TORCH_OPS
 
     def use_slots(
-        self, a: torch.Tensor, b: torch.Tensor, a_stack: torch.Tensor | None = None, first: int = 0
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        a_stack: torch.Tensor | None = None,
+        first: int = 0,
+        kernels: LoraKernels | None = None,
     ) -> None:
         """Read adapters from the slot stacks a [S, in, R] and b [S, R, out]; `a` may be columns `first:` of
-        an A stack [S, in, n*R] shared with linears that read the same input."""
+        an A stack [S, in, n*R] shared with linears that read the same input. `kernels` (None: whatever
+        works for the stacks' device and dtype) is how the LoRA runs."""
         self.lora_a, self.lora_b = a, b
         self.lora_rows = StackRows.of(a, b, a_stack, first)
+        self.kernels = kernels if kernels is not None else choose_kernels("auto", a.device, a.dtype)
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
         y = self.base(x)
@@ -199,4 +212,4 @@ class LoRALinear(nn.Module):
             return y
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
-        return add_lora_(y, x, self.lora_a, self.lora_b, lora, self.lora_rows)
+        return add_lora_(y, x, self.lora_a, self.lora_b, lora, self.lora_rows, self.kernels)

@@ -237,3 +237,30 @@ def test_linears_reading_one_input_shrink_once(monkeypatch: pytest.MonkeyPatch) 
             expected = layer.base(x) + per_row_reference(x, slots, adapters)
             torch.testing.assert_close(layer(x, batch), expected, **TOLERANCES[torch.float64])
         assert len(calls) == 3
+
+
+def test_the_kernel_setting_is_read_when_the_engine_is_configured_not_at_import(monkeypatch) -> None:
+    """ADAPTERD_LORA_KERNEL is read by EngineConfig (config.py, the one place that reads the environment);
+    a bad value fails there with a clear message, and importing the LoRA module never raises."""
+    import subprocess
+    import sys
+
+    from adapterd.server.config import EngineConfig
+    from adapterd.server.model.lora import TORCH_OPS, choose_kernels
+
+    env = {"ADAPTERD_LORA_KERNEL": "bogus", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import adapterd.server.model.lora, adapterd.server.engine.engine"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("ADAPTERD_LORA_KERNEL", "bogus")
+    with pytest.raises(ValueError, match="ADAPTERD_LORA_KERNEL must be auto, triton or torch, not 'bogus'"):
+        EngineConfig()
+    monkeypatch.setenv("ADAPTERD_LORA_KERNEL", "torch")
+    assert EngineConfig().lora_kernel == "torch"
+    assert choose_kernels("torch", torch.device("cpu"), torch.float32) == TORCH_OPS
+    monkeypatch.setenv("ADAPTERD_LORA_KERNEL", "Triton")
+    assert EngineConfig().lora_kernel == "auto"
