@@ -52,6 +52,19 @@ def save_lora(out_dir: Path, state: dict[str, torch.Tensor], rank: int, base_nam
     return out_dir
 
 
+def write_loras(root: Path, model_dir: Path, count: int, rank: int) -> list[Path]:
+    """`count` random fp32 LoRAs of `rank` for the model in `model_dir`, saved as root/lora0, root/lora1, ..."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return [
+        save_lora(
+            root / f"lora{i}", lora_state(config, rank, seed=i, dtype=torch.float32), rank, str(model_dir)
+        )
+        for i in range(count)
+    ]
+
+
 def save_prompt(out_dir: Path, hidden_size: int, num_virtual_tokens: int, seed: int, base_name: str) -> Path:
     """A prompt-tuning adapter with Gaussian rows (std 0.02, like a token embedding)."""
     out_dir.mkdir(parents=True, exist_ok=True)

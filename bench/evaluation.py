@@ -24,7 +24,7 @@ import torch
 from adapterd.server.config import default_cache_dir
 from adapterd.server.model.resolve import resolve_model
 
-from .adapters import lora_state, save_lora
+from .adapters import write_loras
 
 TASK = "bench_mc"
 NUM_ADAPTERS = 8
@@ -65,18 +65,6 @@ def write_task(root: Path, num_docs: int) -> Path:
     return root
 
 
-def write_adapters(root: Path, model_dir: Path) -> list[Path]:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    return [
-        save_lora(
-            root / f"lora{i}", lora_state(config, RANK, seed=i, dtype=torch.float32), RANK, str(model_dir)
-        )
-        for i in range(NUM_ADAPTERS)
-    ]
-
-
 def timed(fn: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     result = fn()
@@ -101,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         root = Path(tmp)
         task_dir = write_task(root, args.docs)
-        paths = write_adapters(root / "adapters", model_dir)
+        paths = write_loras(root / "adapters", model_dir, NUM_ADAPTERS, RANK)
         ids = [p.name for p in paths]
         with LLM(model=str(model_dir), quantize="none", device="cpu") as llm:
             for path in paths:

@@ -291,21 +291,6 @@ def peft_generate(model_dir: Path, adapters: list[Path], with_adapters: bool) ->
 # -- the run -----------------------------------------------------------------------------------------------
 
 
-def write_adapters(root: Path, model_dir: Path) -> list[Path]:
-    import torch
-    from transformers import AutoConfig
-
-    from .adapters import lora_state, save_lora
-
-    config = AutoConfig.from_pretrained(model_dir)
-    return [
-        save_lora(
-            root / f"lora{i}", lora_state(config, RANK, seed=i, dtype=torch.float32), RANK, str(model_dir)
-        )
-        for i in range(NUM_ADAPTERS)
-    ]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.http_serving", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of single, base8 and lora8")
@@ -322,11 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     from adapterd.server.config import default_cache_dir
     from adapterd.server.model.resolve import resolve_model
 
+    from .adapters import write_loras
+
     model_dir = resolve_model("default", default_cache_dir()).path
     results: dict[str, Any] = {"server_args": args.server_args, "new_tokens": NEW_TOKENS}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
-        paths = write_adapters(root / "adapters", model_dir)
+        paths = write_loras(root / "adapters", model_dir, NUM_ADAPTERS, RANK)
         process, url = start_server(root / "store", root / "server.log", args.server_args.split())
         try:
             ids = [p.name for p in paths]
