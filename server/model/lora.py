@@ -146,8 +146,7 @@ def lora_delta(
     if lora.shared_slot is not None:
         return (x @ a[lora.shared_slot, :, : lora.rank]) @ b[lora.shared_slot, : lora.rank, :]
     if x.is_cuda:
-        triton = kernels.triton if kernels is not None else x.dtype in SUPPORTED_DTYPES and triton_available()
-        if triton:
+        if (kernels or choose_kernels("auto", x.device, x.dtype)).triton:
             return bgmv_triton(x, a, b, lora.slots, lora.rank)
     elif rows is not None and x.shape[1] == 1:
         return bgmv_embedding_bag(x, rows, lora)
