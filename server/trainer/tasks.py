@@ -120,7 +120,7 @@ def task_manager(root: Path | None, names: Sequence[str]) -> Any:
     from lm_eval.tasks import TaskManager
 
     if root is not None:
-        shipped = TaskManager(include_path=str(root.resolve()), include_defaults=False)
+        shipped = _shipped(root)
         if all(name in shipped.all_tasks for name in names):
             return shipped
     return TaskManager(include_path=str(root.resolve()) if root is not None else None)
@@ -129,14 +129,12 @@ def task_manager(root: Path | None, names: Sequence[str]) -> Any:
 def check_names(names: Sequence[str], root: Path | None) -> None:
     """Every name is a shipped task or one of lm-eval's; otherwise InvalidConfig on eval_tasks."""
     try:
-        from lm_eval.tasks import TaskManager
+        import lm_eval.tasks  # noqa: F401
     except ImportError as exc:
         raise InvalidConfig(
             "eval_tasks", "needs lm-evaluation-harness on the trainer: pip install 'adapterd[eval]'"
         ) from exc
-    shipped = set()
-    if root is not None:
-        shipped = set(TaskManager(include_path=str(root.resolve()), include_defaults=False).all_tasks)
+    shipped = set(_shipped(root).all_tasks) if root is not None else set()
     missing = [name for name in names if name not in shipped]
     if missing:
         unknown = [name for name in missing if name not in _builtin_names()]
@@ -145,6 +143,13 @@ def check_names(names: Sequence[str], root: Path | None) -> None:
                 "the shipped tasks or lm-eval's" if root is not None else "lm-eval's (ship YAML as 'tasks')"
             )
             raise InvalidConfig("eval_tasks", f"unknown task {unknown[0]!r}: it is not one of {where}")
+
+
+def _shipped(root: Path) -> Any:
+    """A TaskManager of the shipped tasks alone (indexing lm-eval's own is skipped: it takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(root.resolve()), include_defaults=False)
 
 
 @functools.cache
