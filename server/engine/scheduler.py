@@ -28,7 +28,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.last_was_prefill = False
         self.is_chunking = False  # the last prefill step left a prompt unfinished: decode before the next
 
     @property
@@ -46,10 +45,9 @@ class Scheduler:
         if prefilling and not (decoding and self.is_chunking):
             budget = self.config.prefill_chunk_tokens if decoding else self.config.max_prefill_tokens
             chunks = self._chunks(prefilling, budget)
-            self.last_was_prefill = True
             self.is_chunking = any(s.num_scheduled < s.num_tokens - s.num_cached for s in chunks)
             return chunks, True
-        self.last_was_prefill = self.is_chunking = False
+        self.is_chunking = False
         return self._reserve_decode(decoding), False
 
     def _chunks(self, prefilling: list[Sequence], budget: int) -> list[Sequence]:
