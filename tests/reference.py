@@ -6,6 +6,7 @@ PEFT model (see tests/parity/test_peft_reference.py for why its `generate()` is 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,16 @@ def greedy_forward(
             if token == eos_token_id:
                 break
     return new_tokens
+
+
+def peft_greedy(base: Path, adapter: Path | None, prompt: Sequence[int], new_tokens: int) -> list[int]:
+    """The reference greedy tokens: `generate()` of the base or the PEFT model, forward passes for a soft
+    prompt (PEFT's prompt-tuning `generate()` is wrong on transformers 5.x)."""
+    if adapter is None:
+        return greedy_generate(load_base(base), prompt, new_tokens)
+    model = load_peft(base, adapter)
+    is_soft = json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    return (greedy_forward if is_soft else greedy_generate)(model, prompt, new_tokens)
 
 
 def load_base(base_dir: Path, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Any:

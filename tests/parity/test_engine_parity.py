@@ -10,7 +10,7 @@ import pytest
 from adapterd.server.config import EngineConfig
 from adapterd.server.llm import LLM
 from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
-from tests.reference import greedy_forward, greedy_generate, load_peft, make_lora_adapter, make_prompt_adapter
+from tests.reference import make_lora_adapter, make_prompt_adapter, peft_greedy
 
 NEW_TOKENS = 32
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -53,18 +53,7 @@ def llm(tiny_llama: Path, adapters: dict[str, Path]) -> LLM:
 
 
 def reference(base: Path, adapter: Path | None, prompt: list[int]) -> list[int]:
-    if adapter is None:
-        return greedy_generate(load_peft_or_base(base, None), prompt, NEW_TOKENS)
-    model = load_peft(base, adapter)
-    if "soft" in adapter.name:  # PEFT's prompt-tuning generate() is wrong on transformers 5.x
-        return greedy_forward(model, prompt, NEW_TOKENS)
-    return greedy_generate(model, prompt, NEW_TOKENS)
-
-
-def load_peft_or_base(base: Path, adapter: Path | None):
-    from tests.reference import load_base
-
-    return load_base(base) if adapter is None else load_peft(base, adapter)
+    return peft_greedy(base, adapter, prompt, NEW_TOKENS)
 
 
 def run(llm: LLM, adapter_id: str | None, prompt: list[int]) -> list[int]:

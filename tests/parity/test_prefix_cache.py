@@ -11,14 +11,7 @@ import pytest
 from adapterd.server.config import EngineConfig
 from adapterd.server.llm import LLM
 from adapterd.server.protocol import GenerateRequest, SamplingParams
-from tests.reference import (
-    greedy_forward,
-    greedy_generate,
-    load_base,
-    load_peft,
-    make_lora_adapter,
-    make_prompt_adapter,
-)
+from tests.reference import make_lora_adapter, make_prompt_adapter, peft_greedy
 
 NEW_TOKENS = 12
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -41,12 +34,7 @@ def adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def reference(base: Path, adapter: Path | None, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
-    if adapter is None:
-        return greedy_generate(load_base(base), prompt, new_tokens)
-    model = load_peft(base, adapter)
-    if adapter.name == "soft":  # PEFT's prompt-tuning generate() is wrong on transformers 5.x
-        return greedy_forward(model, prompt, new_tokens)
-    return greedy_generate(model, prompt, new_tokens)
+    return peft_greedy(base, adapter, prompt, new_tokens)
 
 
 def engine(tiny_llama: Path, **config: int) -> LLM:
