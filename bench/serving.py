@@ -18,7 +18,7 @@ from adapterd.server.config import EngineConfig
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.loop import EngineLoop
-from adapterd.server.engine.sequence import EventSink
+from adapterd.server.engine.messages import EventSink
 from adapterd.server.llm import eos_token_ids, load_tokenizer
 from adapterd.server.protocol import Completion, SamplingParams, TokenEvent
 from adapterd.server.registry import AdapterRegistry

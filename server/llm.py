@@ -22,7 +22,7 @@ from adapterd.server.config import EngineConfig, ModelConfig
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.loop import EngineLoop
-from adapterd.server.engine.sequence import EventSink, Sequence
+from adapterd.server.engine.messages import AddRequest, CancelRequest, EventSink, Outbox, SinkOutbox
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.model.loader import Placement, load_model
 from adapterd.server.model.resolve import resolve_model
@@ -43,16 +43,12 @@ class PreparedRequest:
 class RequestHandle:
     """A submitted request: cancel it at any time (a no-op once it finished)."""
 
-    def __init__(self, loop: EngineLoop, seq: Future[Sequence]) -> None:
+    def __init__(self, loop: EngineLoop, request_id: str) -> None:
         self._loop = loop
-        self._seq = seq
+        self.request_id = request_id
 
     def cancel(self) -> None:
-        self._seq.add_done_callback(self._cancel_queued)
-
-    def _cancel_queued(self, seq: Future[Sequence]) -> None:
-        if seq.exception() is None:
-            self._loop.call(lambda engine: engine.cancel(seq.result()))
+        self._loop.send([CancelRequest(self.request_id)])
 
 
 class LLM:
@@ -116,16 +112,16 @@ class LLM:
         adapter = self.adapters.resolve(request.adapter_id)
         self.engine.check_prompt(prompt_ids)
         self.engine.check_fits(len(prompt_ids), request.params, adapter)
-        return PreparedRequest(request.request_id or uuid.uuid4().hex, prompt_ids, request, adapter)
+        return PreparedRequest(_unique_id(request.request_id), prompt_ids, request, adapter)
 
-    def enqueue(self, prepared: PreparedRequest, sink: EventSink) -> tuple[Future[Sequence], RequestHandle]:
-        """Hand a prepared request to the engine thread; the future resolves once it is queued."""
-        seq = self.loop.call(
-            lambda e: e.add_request(
-                prepared.request_id, prepared.prompt_ids, prepared.request.params, prepared.adapter, sink
-            )
+    def enqueue(self, prepared: list[PreparedRequest], outboxes: list[Outbox]) -> list[RequestHandle]:
+        """Hand prepared requests to the engine thread in one message batch: they join the same step.
+        Their outputs arrive in their outboxes (a refusal too, as `RequestOutput.refused`)."""
+        self.loop.send(
+            AddRequest(p.request_id, tuple(p.prompt_ids), p.request.params, p.adapter, outbox)
+            for p, outbox in zip(prepared, outboxes, strict=True)
         )
-        return seq, RequestHandle(self.loop, seq)
+        return [RequestHandle(self.loop, p.request_id) for p in prepared]
 
     def submit(self, request: GenerateRequest, sink: EventSink) -> RequestHandle:
         """Queue a request; events arrive on `sink` from the engine thread. Errors raise here."""
@@ -147,12 +143,10 @@ class LLM:
 
     def submit_all(self, requests: list[GenerateRequest], sinks: list[EventSink]) -> list[RequestHandle]:
         """Queue requests together: all are prepared first (a bad one raises before any is queued), then
-        handed to the engine thread in one go, so they enter its batch at the same step."""
+        handed to the engine thread in one go, so they enter its batch at the same step. Each sink gets its
+        request's events on the engine thread; a request the engine refuses ends with an error Completion."""
         prepared = [self.prepare(request) for request in requests]
-        queued = [self.enqueue(p, sink) for p, sink in zip(prepared, sinks, strict=True)]
-        for seq, _ in queued:
-            seq.result()  # surfaces a refusal from the engine thread as an exception here
-        return [handle for _, handle in queued]
+        return self.enqueue(prepared, [SinkOutbox(sink) for sink in sinks])
 
     def generate(self, requests: Iterable[GenerateRequest]) -> list[Completion]:
         """Run requests together in one continuous batch; results in input order."""
@@ -171,6 +165,12 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unique_id(request_id: str) -> str:
+    """The engine's id for a request: the caller's id (if any) made unique, as samples share it."""
+    suffix = uuid.uuid4().hex
+    return f"{request_id}-{suffix[:12]}" if request_id else suffix
 
 
 def _completion_sink(future: Future[Completion]) -> EventSink:

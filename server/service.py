@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import weakref
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Any
 
 from adapterd.adapters.store import AdapterRecord
 from adapterd.server.auth import Principal
 from adapterd.server.config import ServerConfig
+from adapterd.server.engine.messages import RequestOutput
 from adapterd.server.errors import AdapterNotFound, EngineFailed, Forbidden, InvalidRequest, Overloaded
-from adapterd.server.llm import LLM
+from adapterd.server.llm import LLM, PreparedRequest
 from adapterd.server.metrics import Metrics
 from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
 
@@ -34,6 +36,9 @@ class Service:
         self.metrics = Metrics()
         self.num_pending = 0
         self._token_texts: dict[int, str] = {}
+        self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOutbox] = (
+            weakref.WeakKeyDictionary()
+        )
         tokenizer = llm.tokenizer
         self._special_ids = set(tokenizer.all_special_ids) if tokenizer is not None else set()
         scheduler, blocks = llm.engine.scheduler, llm.engine.blocks
@@ -165,32 +170,41 @@ class Service:
             raise InvalidRequest("this model has no tokenizer")
         return self.llm.tokenizer
 
-    async def _run(self, prepared: Any) -> AsyncGenerator[Event, None]:
-        loop, events = asyncio.get_running_loop(), asyncio.Queue[Event]()
-
-        def sink(event: Event) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        seq, handle = self.llm.enqueue(prepared, sink)
+    async def _run(self, prepared: PreparedRequest) -> AsyncGenerator[Event, None]:
+        outbox = self._outbox()
+        outputs = outbox.open(prepared.request_id)
+        [handle] = self.llm.enqueue([prepared], [outbox])
         started = time.perf_counter()
         self.metrics.requests.labels(adapter=prepared.request.adapter_id or self.model_name).inc()
-        num_tokens = 0
+        num_tokens, finished = 0, False
         try:
-            await asyncio.wrap_future(seq)
-            while True:
-                event = await events.get()
-                if isinstance(event, TokenEvent):
-                    if num_tokens == 0:
-                        self.metrics.ttft.observe(time.perf_counter() - started)
-                    num_tokens += 1
-                    self.metrics.generated_tokens.inc()
-                if isinstance(event, Completion) and event.finish_reason == "error":
-                    raise EngineFailed(event.error or "the engine failed this request")
-                yield event
-                if isinstance(event, Completion):
-                    return
+            while not finished:
+                output = await outputs.get()
+                if output.refused is not None:
+                    finished = True
+                    raise output.refused
+                for event in output.events:
+                    if isinstance(event, TokenEvent):
+                        if num_tokens == 0:
+                            self.metrics.ttft.observe(time.perf_counter() - started)
+                        num_tokens += 1
+                        self.metrics.generated_tokens.inc()
+                    else:
+                        finished = True
+                        if event.finish_reason == "error":
+                            raise EngineFailed(event.error or "the engine failed this request")
+                    yield event
         finally:
-            handle.cancel()  # a client that left: the engine drops the sequence within one step
+            outbox.close(prepared.request_id)
+            if not finished:
+                handle.cancel()  # a client that left: the engine drops the sequence within one step
+
+    def _outbox(self) -> AsyncOutbox:
+        loop = asyncio.get_running_loop()
+        outbox = self._outboxes.get(loop)
+        if outbox is None:
+            outbox = self._outboxes[loop] = AsyncOutbox(loop)
+        return outbox
 
     # -- adapters -----------------------------------------------------------------------------------------
 
@@ -275,6 +289,32 @@ class Service:
             ),
             "version": _version(),
         }
+
+
+class AsyncOutbox:
+    """The engine's outputs for the requests of one asyncio loop: one hop onto the loop per engine step,
+    however many of its requests the step served."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+
+    def open(self, request_id: str) -> asyncio.Queue[RequestOutput]:
+        queue = self.queues[request_id] = asyncio.Queue()
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self.queues.pop(request_id, None)
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:  # on the engine thread
+        with suppress(RuntimeError):  # the loop has closed: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            queue = self.queues.get(output.request_id)
+            if queue is not None:
+                queue.put_nowait(output)
 
 
 def check_metadata(metadata: dict[str, Any]) -> None:

@@ -12,10 +12,11 @@ from adapterd.server.engine.cuda_graphs import DecodeGraphs
 from adapterd.server.engine.detokenizer import Detokenizer
 from adapterd.server.engine.kv_cache import BlockAllocator
 from adapterd.server.engine.logprobs import token_logprobs
+from adapterd.server.engine.messages import AddRequest, Event, EventSink, Outbox, RequestOutput, SinkOutbox
 from adapterd.server.engine.model_runner import ModelRunner
 from adapterd.server.engine.sampler import sample
 from adapterd.server.engine.scheduler import Scheduler
-from adapterd.server.engine.sequence import EventSink, Sequence
+from adapterd.server.engine.sequence import Sequence
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.model.llama import KVCache, LlamaModel
 from adapterd.server.protocol import FinishReason, SamplingParams, TokenEvent, TokenLogprob
@@ -43,6 +44,8 @@ class LLMEngine:
         if config.cuda_graphs and device.type == "cuda":
             self.use_decode_graphs(capture=True)
         self.num_generated_tokens = 0
+        self.sequences: dict[str, Sequence] = {}  # by request id, until finished
+        self._outputs: dict[Sequence, list[Event]] = {}  # this step's events, delivered at its end
 
     def use_decode_graphs(self, capture: bool) -> None:
         """Run decode steps through padded static buffers, replayed from CUDA graphs when `capture`."""
@@ -54,6 +57,11 @@ class LLMEngine:
             self.pad_slot,
             capture=capture,
         )
+
+    def claim_thread(self) -> None:
+        """Called first on the thread that will run every step: set its torch threads (on a CPU)."""
+        if self.config.cpu_threads and self.runner.device.type == "cpu":
+            torch.set_num_threads(self.config.cpu_threads)
 
     @property
     def context_limit(self) -> int:
@@ -98,27 +106,42 @@ class LLMEngine:
         adapter: LoadedAdapter | None,
         sink: EventSink,
     ) -> Sequence:
+        """`admit` for a caller on the engine thread that wants each event passed to `sink`."""
+        return self.admit(AddRequest(request_id, tuple(prompt_ids), params, adapter, SinkOutbox(sink)))
+
+    def admit(self, message: AddRequest) -> Sequence:
+        """Queue a request for the next step; raises InvalidRequest (and queues nothing) if it cannot run."""
+        if message.request_id in self.sequences:
+            raise InvalidRequest(f"request id {message.request_id!r} is already running")
+        prompt_ids = list(message.prompt_ids)
         self.check_prompt(prompt_ids)
-        self.check_fits(len(prompt_ids), params, adapter)
-        generator, seed = self._generator(params)
+        self.check_fits(len(prompt_ids), message.params, message.adapter)
+        generator, seed = self._generator(message.params)
         seq = Sequence(
-            request_id=request_id,
-            prompt_ids=list(prompt_ids),
-            params=params,
-            sink=sink,
-            detokenizer=Detokenizer(self.tokenizer, prompt_ids, params.stop),
-            adapter=adapter,
+            request_id=message.request_id,
+            prompt_ids=prompt_ids,
+            params=message.params,
+            outbox=message.outbox,
+            detokenizer=Detokenizer(self.tokenizer, prompt_ids, message.params.stop),
+            adapter=message.adapter,
             generator=generator,
             seed=seed,
         )
         self.scheduler.add(seq)
+        self.sequences[seq.request_id] = seq
         return seq
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a sequence between steps and free its cache and adapter slot."""
         if seq.status.name != "FINISHED":
-            self.scheduler.finish(seq)
-            seq.sink(seq.finish("cancelled"))
+            self._finish(seq, "cancelled")
+        self.deliver_outputs()
+
+    def cancel_request(self, request_id: str) -> None:
+        """`cancel` by request id; a request that already finished is left alone."""
+        seq = self.sequences.get(request_id)
+        if seq is not None:
+            self.cancel(seq)
 
     def step(self) -> None:
         seqs, is_prefill = self.scheduler.schedule()
@@ -132,6 +155,24 @@ class LLMEngine:
             logits, seqs = logits[ready], [seqs[row] for row in ready]
         if seqs:
             self.postprocess(seqs, self.choose(logits, seqs))
+        self.deliver_outputs()
+
+    def deliver_outputs(self) -> None:
+        """Hand each outbox, in one call, the events its requests produced since the last delivery."""
+        by_outbox: dict[Outbox, list[RequestOutput]] = {}
+        for seq, events in self._outputs.items():
+            by_outbox.setdefault(seq.outbox, []).append(RequestOutput(seq.request_id, tuple(events)))
+        self._outputs = {}
+        for outbox, outputs in by_outbox.items():
+            outbox.deliver(outputs)
+
+    def _emit(self, seq: Sequence, event: Event) -> None:
+        self._outputs.setdefault(seq, []).append(event)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        self.scheduler.finish(seq)
+        self.sequences.pop(seq.request_id, None)
+        self._emit(seq, seq.finish(reason, error))
 
     def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob]:
         """Sample each row's next token and score it, with the alternatives the rows asked for."""
@@ -143,8 +184,7 @@ class LLMEngine:
         """Append each row's new token (with its log-probability) and stream it; finish rows that are done."""
         for seq, score in zip(seqs, scores, strict=True):
             if seq.params.max_new_tokens == 0:  # scoring the prompt only: the sampled token is dropped
-                self.scheduler.finish(seq)
-                seq.sink(seq.finish("length"))
+                self._finish(seq, "length")
                 continue
             token_id, top = score.token_id, score.top[: seq.params.top_logprobs]
             assert score.logprob is not None
@@ -155,10 +195,9 @@ class LLMEngine:
             reason = self._finish_reason(seq, token_id)
             if reason:
                 text += seq.detokenizer.flush()
-            seq.sink(TokenEvent(token_id, text, reason is not None, score.logprob, top))
+            self._emit(seq, TokenEvent(token_id, text, reason is not None, score.logprob, top))
             if reason:
-                self.scheduler.finish(seq)
-                seq.sink(seq.finish(reason))
+                self._finish(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         if seq.detokenizer.stopped_at is not None:
@@ -181,5 +220,5 @@ class LLMEngine:
 
     def fail_running(self, message: str) -> None:
         for seq in list(self.scheduler.running):
-            self.scheduler.finish(seq)
-            seq.sink(seq.finish("error", message))
+            self._finish(seq, "error", message)
+        self.deliver_outputs()

@@ -1,15 +1,18 @@
-"""The one thread that touches the model. Everyone else talks to it through its inbox."""
+"""The one thread that touches the model. Everyone else talks to it through its inbox: typed messages
+(`messages.AddRequest`, `CancelRequest`) or a function to run between two steps."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TypeVar
 
 from adapterd.server.engine.engine import LLMEngine
+from adapterd.server.engine.messages import AddRequest, CancelRequest, Message, RequestOutput
 from adapterd.server.errors import EngineStopped
 
 T = TypeVar("T")
@@ -17,12 +20,16 @@ log = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5
 
 
+@dataclass(frozen=True)
+class _Call:
+    fn: Callable[[LLMEngine], object]
+    future: Future[object]
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.inbox: queue.SimpleQueue[tuple[Callable[[LLMEngine], object], Future[object]] | None] = (
-            queue.SimpleQueue()
-        )
+        self.inbox: queue.SimpleQueue[tuple[Message, ...] | _Call | None] = queue.SimpleQueue()
         self.is_stopping = False
         self.thread = threading.Thread(target=self._run, name="adapterd-engine", daemon=True)
 
@@ -35,34 +42,65 @@ class EngineLoop:
         self.inbox.put(None)
         self.thread.join(timeout=30)
 
+    def send(self, messages: Iterable[Message]) -> None:
+        """Queue messages together: requests sent in one call join the same step. A request the engine
+        refuses (or that arrives while it stops) gets a `RequestOutput` with `refused` in its outbox."""
+        batch = tuple(messages)
+        if self.is_stopping:
+            for message in batch:
+                if isinstance(message, AddRequest):
+                    refusal = RequestOutput(
+                        message.request_id, refused=EngineStopped("the engine is stopping")
+                    )
+                    message.outbox.deliver([refusal])
+            return
+        self.inbox.put(batch)
+
     def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
         """Run `fn(engine)` on the engine thread between two steps."""
         future: Future[T] = Future()
         if self.is_stopping:
             future.set_exception(EngineStopped("the engine is shutting down"))
             return future
-        self.inbox.put((fn, future))  # type: ignore[arg-type]
+        self.inbox.put(_Call(fn, future))  # type: ignore[arg-type]
         return future
 
     def _run(self) -> None:
+        self.engine.claim_thread()
         while not self.is_stopping:
             self._drain_inbox(block=not self.engine.has_work)
             if self.engine.has_work and not self.is_stopping:
                 self._step()
 
     def _drain_inbox(self, block: bool) -> None:
+        """Handle everything that arrived before the next step starts."""
         try:
             item = self.inbox.get(timeout=IDLE_WAIT_S) if block else self.inbox.get_nowait()
             while item is not None:
-                fn, future = item
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(self.engine))
-                    except Exception as exc:  # delivered to the caller, not fatal to the loop
-                        future.set_exception(exc)
+                if isinstance(item, _Call):
+                    self._call(item)
+                else:
+                    for message in item:
+                        self._handle(message)
                 item = self.inbox.get_nowait()
         except queue.Empty:
             pass
+
+    def _handle(self, message: Message) -> None:
+        if isinstance(message, CancelRequest):
+            self.engine.cancel_request(message.request_id)
+            return
+        try:
+            self.engine.admit(message)
+        except Exception as exc:  # InvalidRequest, or a bug: the caller hears of it, the loop goes on
+            message.outbox.deliver([RequestOutput(message.request_id, refused=exc)])
+
+    def _call(self, call: _Call) -> None:
+        if call.future.set_running_or_notify_cancel():
+            try:
+                call.future.set_result(call.fn(self.engine))
+            except Exception as exc:  # delivered to the caller, not fatal to the loop
+                call.future.set_exception(exc)
 
     def _step(self) -> None:
         try:

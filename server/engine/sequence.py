@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
 import torch
 
-from adapterd.server.protocol import Completion, FinishReason, SamplingParams, TokenEvent, TokenLogprob
+from adapterd.server.protocol import Completion, FinishReason, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from adapterd.server.engine.adapter_slots import LoadedAdapter
     from adapterd.server.engine.detokenizer import Detokenizer
+    from adapterd.server.engine.messages import Outbox
 
-EventSink = Callable[[TokenEvent | Completion], None]
 _ids = itertools.count()
 
 
@@ -31,7 +30,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    sink: EventSink
+    outbox: Outbox  # where the engine delivers this request's events, once per step
     detokenizer: Detokenizer
     adapter: LoadedAdapter | None = None
     seq_id: int = field(default_factory=lambda: next(_ids))

@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 
 from adapterd.server.config import EngineConfig
 from adapterd.server.engine.detokenizer import Detokenizer
+from adapterd.server.engine.messages import SinkOutbox
 from adapterd.server.engine.sampler import apply_repetition_penalty, filter_logits, sample
 from adapterd.server.engine.sequence import Sequence
 from adapterd.server.llm import LLM
@@ -37,7 +38,7 @@ def make_seq(params: SamplingParams, prompt_ids: list[int] | None = None) -> Seq
         request_id="r",
         prompt_ids=prompt_ids or [1, 2, 3],
         params=params,
-        sink=lambda event: None,
+        outbox=SinkOutbox(lambda event: None),
         detokenizer=Detokenizer(None, [], ()),
         generator=generator,
     )

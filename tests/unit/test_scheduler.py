@@ -16,6 +16,7 @@ from adapterd.server.engine.adapter_slots import LoadedAdapter, SlotPool
 from adapterd.server.engine.detokenizer import Detokenizer
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.kv_cache import BlockAllocator
+from adapterd.server.engine.messages import SinkOutbox
 from adapterd.server.engine.sequence import Sequence
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.llm import LLM
@@ -34,7 +35,8 @@ def greedy(max_new_tokens: int, **params: Any) -> SamplingParams:
 
 
 def make_seq(prompt_len: int = 4) -> Sequence:
-    return Sequence("r", list(range(prompt_len)), SamplingParams(), lambda e: None, Detokenizer(None, [], ()))
+    outbox = SinkOutbox(lambda e: None)
+    return Sequence("r", list(range(prompt_len)), SamplingParams(), outbox, Detokenizer(None, [], ()))
 
 
 class Collector:
