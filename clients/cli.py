@@ -38,6 +38,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="prompt tokens a prefill step computes while other requests decode (chunked prefill)",
     )
     parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        help="torch threads of the engine on a CPU (serve: every core but one, left to the front end; "
+        "run: every core)",
+    )
+    parser.add_argument(
         "--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs (GPU)"
     )
     parser.add_argument(

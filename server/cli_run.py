@@ -14,7 +14,8 @@ from adapterd.server.llm import LLM
 from adapterd.server.offline import InputError, Job, adapter_dirs, read_jobs, result_line
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def engine_config(args: argparse.Namespace, cpu_threads: int = 0) -> EngineConfig:
+    """The engine flags of run and serve; `cpu_threads` is used when --cpu-threads is not given."""
     return EngineConfig(
         max_batch=args.max_batch,
         max_rank=args.max_rank,
@@ -24,6 +25,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cuda_graphs=not args.enforce_eager,
         prefix_caching=args.prefix_caching,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        cpu_threads=cpu_threads if args.cpu_threads is None else args.cpu_threads,
     )
 
 

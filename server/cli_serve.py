@@ -12,7 +12,7 @@ import uvicorn
 
 from adapterd.server.auth import ApiKeys
 from adapterd.server.cli_run import engine_config
-from adapterd.server.config import ServerConfig, default_cache_dir
+from adapterd.server.config import ServerConfig, default_cache_dir, serving_cpu_threads
 from adapterd.server.grpc.server import start_grpc_server
 from adapterd.server.http.app import build_app
 from adapterd.server.llm import LLM
@@ -44,7 +44,7 @@ def serve_command(args: argparse.Namespace) -> int:
         model=args.model,
         quantize=args.quantize,
         device=args.device,
-        engine=engine_config(args),
+        engine=engine_config(args, cpu_threads=serving_cpu_threads()),
         store=store,
         max_cpu_adapters=config.max_cpu_adapters,
     )

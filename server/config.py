@@ -59,16 +59,28 @@ class EngineConfig:
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs on a GPU (`--enforce-eager`: off)
     prefix_caching: bool = True  # reuse computed KV blocks of the same model and leading tokens
     lora_kernel: str = field(default_factory=lora_kernel_from_env)  # "auto" kernels, or "torch" ops only
+    cpu_threads: int = 0  # torch threads of the engine on a CPU; 0: torch's own choice (every core)
 
     def __post_init__(self) -> None:
         assert self.max_batch >= 1 and self.max_rank >= 1
         assert self.kv_block_size >= 1 and self.kv_cache_tokens >= self.kv_block_size
         assert self.max_gpu_adapters >= 1 and self.max_soft_prompts >= 1
         assert self.prefill_chunk_tokens >= 1 and self.max_prefill_tokens >= 1
+        assert self.cpu_threads >= 0
 
     @property
     def num_kv_blocks(self) -> int:
         return self.kv_cache_tokens // self.kv_block_size
+
+
+FRONT_END_CORES = 1  # cores `adapterd serve` leaves to its HTTP/gRPC front end and local clients
+
+
+def serving_cpu_threads() -> int:
+    """The engine's CPU threads under `adapterd serve`: every core this process may use but
+    FRONT_END_CORES, at least one. A torch thread that shares its core with the event loop or a client
+    stalls every parallel op of the step at its barrier (see docs/performance.md)."""
+    return max(1, len(os.sched_getaffinity(0)) - FRONT_END_CORES)
 
 
 @dataclass(frozen=True)
