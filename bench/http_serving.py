@@ -48,6 +48,8 @@ QUESTIONS = [
     "Suggest a name for a small bakery that sells sourdough bread.",
     "Tell me a fun fact about octopuses and their intelligence.",
 ]
+# Extra request fields per server URL (the llama.cpp peer picks its LoRA by index, not by model name).
+PEER_BODY: dict[str, Any] = {}
 SYSTEM_SENTENCE = "You are the support assistant of a parcel delivery company and you answer politely. "
 
 
@@ -157,6 +159,7 @@ async def chat(
     client: httpx.AsyncClient, url: str, model: str, messages: list[dict[str, str]], max_tokens: int
 ) -> Request:
     body = {
+        **PEER_BODY.get(url, lambda model: {})(model),
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
@@ -297,6 +300,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", default="1,2,4", help="Poisson arrival rates, requests/s")
     parser.add_argument("--poisson-requests", type=int, default=18)
     parser.add_argument("--server-args", default="", help="extra `adapterd serve` flags, space-separated")
+    parser.add_argument(
+        "--versus",
+        help="flags of a second server (A/B): single, base8 and lora8 rounds alternate between them",
+    )
+    parser.add_argument(
+        "--llama-cpp",
+        type=Path,
+        help="a llama.cpp source tree with build/bin/llama-server (docs/performance.md): run it side by side "
+        "on the same model (F32 GGUF) and LoRAs, in turns with adapterd",
+    )
+    parser.add_argument("--llama-cpp-threads", type=int, default=2, help="llama-server -t")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument(
         "--cases", default="single,base8,lora8,poisson,system,long", help="which server cases to run"
@@ -307,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     from adapterd.server.config import default_cache_dir
     from adapterd.server.model.resolve import resolve_model
 
+    from . import llama_cpp
     from .adapters import write_loras
 
     model_dir = resolve_model("default", default_cache_dir()).path
@@ -314,21 +329,38 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
         paths = write_loras(root / "adapters", model_dir, NUM_ADAPTERS, RANK)
+        ids = [p.name for p in paths]
         process, url = start_server(root / "store", root / "server.log", args.server_args.split())
+        versus = None
+        if args.versus is not None:
+            versus = start_server(root / "store-b", root / "server-b.log", args.versus.split())
+            results["versus"] = {"server_args": args.versus}
+        peer = None
+        if args.llama_cpp is not None:
+            peer = llama_cpp.start(
+                args.llama_cpp, model_dir, paths, root / "llama-cpp", args.llama_cpp_threads
+            )
+            PEER_BODY[peer.url] = peer.body
+            results["llama_cpp"] = {"server_args": peer.args}
         try:
-            ids = [p.name for p in paths]
-            for adapter_id, path in zip(ids, paths, strict=True):
-                upload(url, adapter_id, path)
+            targets = [(results, url)] + ([(results["versus"], versus[1])] if versus else [])
+            for _, target_url in targets:
+                for adapter_id, path in zip(ids, paths, strict=True):
+                    upload(target_url, adapter_id, path)
+            targets += [(results["llama_cpp"], peer.url)] if peer else []
+            for _, target_url in targets:
+                asyncio.run(concurrent(target_url, ids))  # warm-up: every adapter in its slot
             base = httpx.get(f"{url}/info").json()["model_id"]
-            asyncio.run(concurrent(url, ids))  # warm-up: every adapter in its slot
             cases = set(args.cases.split(","))
-            rounds = range(args.rounds)
-            if "single" in cases:
-                results["single"] = [summary(asyncio.run(sequential(url, ids[0], 4))) for _ in rounds]
-            if "base8" in cases:
-                results["base8"] = [summary(asyncio.run(concurrent(url, [base] * 8))) for _ in rounds]
-            if "lora8" in cases:
-                results["lora8"] = [summary(asyncio.run(concurrent(url, ids))) for _ in rounds]
+            workloads = {
+                "single": lambda u: sequential(u, ids[0], 4),
+                "base8": lambda u: concurrent(u, [base] * 8),
+                "lora8": lambda u: concurrent(u, ids),
+            }
+            for _ in range(args.rounds):  # with --versus, the two servers take turns: same machine state
+                for case, workload in workloads.items():
+                    for into, target_url in targets if case in cases else ():
+                        into.setdefault(case, []).append(summary(asyncio.run(workload(target_url))))
             if "poisson" in cases:
                 mix = [base, *ids]
                 results["poisson"] = {
@@ -340,8 +372,9 @@ def main(argv: list[str] | None = None) -> None:
             if "long" in cases:
                 results["long"] = asyncio.run(long_prompt(url, ids))
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            for server in [process] + ([versus[0]] if versus else []) + ([peer.process] if peer else []):
+                server.terminate()
+                server.wait(timeout=60)
         if not args.skip_peft:
             results["peft_lora8"] = peft_generate(model_dir, paths, with_adapters=True)
             results["peft_base8"] = peft_generate(model_dir, paths, with_adapters=False)
@@ -356,13 +389,13 @@ def _rate(rounds: list[dict[str, Any]]) -> str:
 
 def print_report(results: dict[str, Any]) -> None:
     print(f"\ngenerated tokens/s end to end, {NEW_TOKENS} new tokens per request (rounds: min-max)")
-    for case in ("single", "base8", "lora8"):
-        if case not in results:
-            continue
-        rounds = results[case]
-        itl = statistics.median(r["itl_s"]["p50"] for r in rounds) * 1000
-        ttft = statistics.median(r["ttft_s"]["p50"] for r in rounds) * 1000
-        print(f"  {case:<8} {_rate(rounds):>12} tok/s   TTFT p50 {ttft:6.0f} ms   ITL p50 {itl:5.1f} ms")
+    print_cases(results)
+    if "versus" in results:
+        print(f"versus `adapterd serve {results['versus']['server_args']}` (rounds taken in turns):")
+        print_cases(results["versus"])
+    if "llama_cpp" in results:
+        print(f"llama.cpp `llama-server {results['llama_cpp']['server_args']}` (rounds taken in turns):")
+        print_cases(results["llama_cpp"])
     for case in ("peft_base8", "peft_lora8"):
         if case in results:
             print(
@@ -386,6 +419,16 @@ def print_report(results: dict[str, Any]) -> None:
         print_system(results["system"])
     if "long" in results:
         print_long(results["long"])
+
+
+def print_cases(results: dict[str, Any]) -> None:
+    for case in ("single", "base8", "lora8"):
+        if case not in results:
+            continue
+        rounds = results[case]
+        itl = statistics.median(r["itl_s"]["p50"] for r in rounds) * 1000
+        ttft = statistics.median(r["ttft_s"]["p50"] for r in rounds) * 1000
+        print(f"  {case:<8} {_rate(rounds):>12} tok/s   TTFT p50 {ttft:6.0f} ms   ITL p50 {itl:5.1f} ms")
 
 
 def print_system(system: dict[str, Any]) -> None:
