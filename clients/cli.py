@@ -35,7 +35,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--prefill-chunk-tokens",
         type=int,
         default=defaults.prefill_chunk_tokens,
-        help="prompt tokens a prefill step computes while other requests decode (chunked prefill)",
+        help="prompt tokens a step computes next to the requests that decode (chunked prefill; "
+        "default: 64 on a CPU, 256 on a GPU)",
     )
     parser.add_argument(
         "--cpu-threads",

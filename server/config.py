@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,12 @@ class ModelConfig:
         return self.cache_dir or default_cache_dir()
 
 
+# Prompt tokens a step computes next to the decode rows. Chosen so that such a mixed step costs at most
+# about 3x a decode step, as measured with bench.http_serving's `long` case (docs/performance.md): on a
+# CPU prefill is compute-bound and a 256-token chunk costs ~12x a decode step; on a GPU it is nearly free.
+PREFILL_CHUNK_TOKENS = {"cpu": 64, "cuda": 256}
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits of the engine: batch, KV cache and adapter slots."""
@@ -55,7 +62,8 @@ class EngineConfig:
     kv_cache_tokens: int = 16384
     max_seq_len: int = 4096
     max_prefill_tokens: int = 4096  # new tokens one prefill step computes
-    prefill_chunk_tokens: int = 256  # ... while other sequences are decoding (chunked prefill)
+    # ... while other sequences are decoding (chunked prefill); 0: the device's PREFILL_CHUNK_TOKENS
+    prefill_chunk_tokens: int = 0
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs on a GPU (`--enforce-eager`: off)
     prefix_caching: bool = True  # reuse computed KV blocks of the same model and leading tokens
     lora_kernel: str = field(default_factory=lora_kernel_from_env)  # "auto" kernels, or "torch" ops only
@@ -65,8 +73,15 @@ class EngineConfig:
         assert self.max_batch >= 1 and self.max_rank >= 1
         assert self.kv_block_size >= 1 and self.kv_cache_tokens >= self.kv_block_size
         assert self.max_gpu_adapters >= 1 and self.max_soft_prompts >= 1
-        assert self.prefill_chunk_tokens >= 1 and self.max_prefill_tokens >= 1
+        assert self.prefill_chunk_tokens >= 0 and self.max_prefill_tokens >= 1
         assert self.cpu_threads >= 0
+
+    def for_device(self, device_type: str) -> EngineConfig:
+        """This config with the device's defaults filled in where it leaves them to the device."""
+        if self.prefill_chunk_tokens:
+            return self
+        chunk = PREFILL_CHUNK_TOKENS.get(device_type, PREFILL_CHUNK_TOKENS["cuda"])
+        return dataclasses.replace(self, prefill_chunk_tokens=chunk)
 
     @property
     def num_kv_blocks(self) -> int:

@@ -29,6 +29,7 @@ class LLMEngine:
         self, model: LlamaModel, tokenizer: Any | None, eos_ids: set[int], config: EngineConfig
     ) -> None:
         device, dtype = model.embed_tokens.weight.device, model.embed_tokens.weight.dtype
+        config = config.for_device(device.type)
         self.config = config
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids

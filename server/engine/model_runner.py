@@ -8,7 +8,7 @@ from adapterd.server.engine.adapter_slots import AdapterSlots
 from adapterd.server.engine.cuda_graphs import DecodeGraphs
 from adapterd.server.engine.logprobs import score_hidden
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.model.batch import ForwardBatch, LoraBatch
+from adapterd.server.model.batch import ForwardBatch, LoraBatch, RaggedRows
 from adapterd.server.model.llama import KVCache, LlamaModel
 from adapterd.server.protocol import TokenLogprob
 
@@ -79,6 +79,12 @@ class ModelRunner:
         tables = self._block_tables(seqs)  # [B, max_blocks]
         attn_mask = (key_pos[:, None, :] <= positions[:, :, None]) & (key_pos < context[:, None])[:, None, :]
         prompt_slots = self._adapter_slots(seqs, lora=False)
+        lora = self._lora_batch(seqs)
+        ragged = None
+        if RaggedRows.worth_it(lengths):
+            contexts = [s + n for s, n in zip(starts, lengths, strict=True)]
+            token_lora = LoraBatch(lora.slots.repeat_interleave(num_new), lora.rank, lora.shared_slot)
+            ragged = RaggedRows(lengths, contexts, positions[is_real][:, None], token_lora)
         return ForwardBatch(
             input_ids=self._padded(new_ids, width),
             positions=positions,
@@ -87,11 +93,12 @@ class ModelRunner:
             read_slots=self._slots(tables, torch.where(key_pos < context[:, None], key_pos, 0)),
             attn_mask=attn_mask[:, None],  # [B, 1, T, L]; padding queries see key 0 only
             last_index=num_new - 1,
-            lora=self._lora_batch(seqs),
+            lora=lora,
             prompt_slots=torch.tensor(prompt_slots, dtype=long),
             prompt_lengths=torch.tensor([s.num_virtual for s in seqs], dtype=long),
             # Soft-prompt rows are embedded only while their virtual positions are being prefilled.
             has_soft_prompts=any(s.num_virtual > start for s, start in zip(seqs, starts, strict=True)),
+            ragged=ragged,
         )
 
     def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,14 @@
-"""Continuous batching: each step either prefills (chunks of) admitted sequences or decodes the running ones.
+"""Continuous batching: each step decodes the running sequences and prefills (chunks of) admitted ones.
 
 Admission is FIFO and needs three things: a batch row, KV blocks for the whole sequence, and a slot for the
 sequence's adapter. A sequence first takes whatever leading blocks the prefix cache holds for its model and
-tokens; only the rest is prefilled. Prompts that fit the step's budget are prefilled first, as they come
-(they join the decoding batch at once). A longer one is chunked: a step computes at most
-`max_prefill_tokens` new tokens, and only `prefill_chunk_tokens` while other sequences are decoding, and
-then decode steps and chunks alternate, so a long prompt arriving mid-stream delays each stream by one
-chunk at a time instead of freezing it for the whole prompt. A sequence is sampled once its prompt is in. When decoding runs out of KV blocks the newest running sequence is preempted: its
-blocks are freed and it goes back to the front of the queue, to be recomputed later.
+tokens; only the rest is prefilled. With nothing decoding, a step prefills up to `max_prefill_tokens` new
+tokens. While sequences decode, every step carries each of them one token further *and* up to
+`prefill_chunk_tokens` prompt tokens of the admitted ones (a mixed step; the model packs its rows'
+real tokens when their lengths differ, see `RaggedRows`), so a long prompt arriving mid-stream delays
+each stream by one chunk's compute per step instead of freezing it for the whole prompt. A sequence is
+sampled once its prompt is in. When decoding runs out of KV blocks the newest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.is_chunking = False  # the last prefill step left a prompt unfinished: decode before the next
 
     @property
     def has_work(self) -> bool:
@@ -38,17 +38,17 @@ class Scheduler:
         self.waiting.append(seq)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences of the next step (each with `num_scheduled` new tokens), and whether it prefills."""
+        """The sequences of the next step (each with `num_scheduled` new tokens), and whether it prefills
+        (a mixed step counts as one: every row's new tokens start at its `num_cached`)."""
         self._admit()
         decoding = [s for s in self.running if not s.is_prefilling]
+        if len(decoding) == len(self.running):
+            return self._reserve_decode(decoding), False
+        if not decoding:
+            return self._chunks(self.running, self.config.max_prefill_tokens), True
+        rows = self._reserve_decode(decoding)  # may preempt, a prefilling sequence included
         prefilling = [s for s in self.running if s.is_prefilling]
-        if prefilling and not (decoding and self.is_chunking):
-            budget = self.config.prefill_chunk_tokens if decoding else self.config.max_prefill_tokens
-            chunks = self._chunks(prefilling, budget)
-            self.is_chunking = any(s.num_scheduled < s.num_tokens - s.num_cached for s in chunks)
-            return chunks, True
-        self.is_chunking = False
-        return self._reserve_decode(decoding), False
+        return rows + self._chunks(prefilling, self.config.prefill_chunk_tokens), True
 
     def _chunks(self, prefilling: list[Sequence], budget: int) -> list[Sequence]:
         """The next chunk of each prefilling sequence, oldest first, within `budget` new tokens. A sequence

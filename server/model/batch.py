@@ -36,6 +36,22 @@ class LoraBatch:
         return made, True
 
 
+@dataclass(frozen=True)
+class RaggedRows:
+    """A step whose rows differ much in length (a prefill chunk among decode rows): every layer runs on
+    the real tokens only, packed row after row as [N, 1, hidden], and attention runs row by row."""
+
+    lengths: list[int]  # new tokens of each row (host)
+    contexts: list[int]  # keys each row sees, its prefix and its new tokens (host)
+    positions: torch.Tensor  # [N, 1] long; position of each real token, row-major
+    lora: LoraBatch  # the LoRA slot of each real token
+
+    @staticmethod
+    def worth_it(lengths: list[int]) -> bool:
+        """Pack when padding every row to the longest would compute more than twice the real tokens."""
+        return len(lengths) > 1 and 2 * sum(lengths) < len(lengths) * max(lengths)
+
+
 @dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [B, T] long; padding rows/columns hold 0
@@ -49,6 +65,12 @@ class ForwardBatch:
     prompt_slots: torch.Tensor  # [B] long; soft-prompt slot of each row, -1 for none
     prompt_lengths: torch.Tensor  # [B] long; virtual tokens of each row's soft prompt, 0 for none
     has_soft_prompts: bool  # whether any row has a soft prompt (known on the host, so no sync to ask)
+    ragged: RaggedRows | None = None  # set when the layers run on packed real tokens
+
+    @property
+    def token_lora(self) -> LoraBatch:
+        """The LoRA slots of the rows the layers see: the batch's rows, or each packed token."""
+        return self.ragged.lora if self.ragged is not None else self.lora
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the batch by field name, the LoRA slots as "lora.slots"."""
@@ -64,7 +86,11 @@ class ForwardBatch:
             for name, tensor in self.tensors().items()
         }
         lora = dataclasses.replace(self.lora, slots=moved.pop("lora.slots"), cache={})
-        return dataclasses.replace(self, lora=lora, **moved)
+        ragged = self.ragged
+        if ragged is not None:
+            token_lora = dataclasses.replace(ragged.lora, slots=ragged.lora.slots.to(device), cache={})
+            ragged = dataclasses.replace(ragged, positions=ragged.positions.to(device), lora=token_lora)
+        return dataclasses.replace(self, lora=lora, ragged=ragged, **moved)
 
     def copy_(self, host: ForwardBatch) -> None:
         """Copy a host batch of the same shapes into this batch's tensors in place (a CUDA graph's static

@@ -58,13 +58,15 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        bsz, seq, _ = x.shape  # x: [B, T, hidden]
-        lora = batch.lora
+        bsz, seq, _ = x.shape  # x: [B, T, hidden], or [N, 1, hidden] packed tokens (batch.ragged)
+        lora = batch.token_lora
         q = self.q_proj(x, lora).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x, lora).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x, lora).view(bsz, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, *rope)  # q: [B, H, T, D], k: [B, KVH, T, D]
         self._write_cache(k.transpose(1, 2), v, batch, k_cache, v_cache)
+        if batch.ragged is not None:
+            return self.o_proj(self._ragged_attention(q, batch, k_cache, v_cache), lora)
         keys = self._read_cache(k_cache, batch.read_slots).to(q.dtype)  # [B, KVH, L, D]
         values = self._read_cache(v_cache, batch.read_slots).to(q.dtype)
         out = F.scaled_dot_product_attention(
@@ -72,6 +74,28 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.head_dim)
         return self.o_proj(out, lora)
+
+    def _ragged_attention(
+        self, q: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of packed tokens (q: [N, H, 1, D]) row by row, each row over its own keys only:
+        [N, 1, H * D]. A decode row's one query sees every key it has; a chunk's queries are causal."""
+        assert batch.ragged is not None
+        outputs, start = [], 0
+        for row, (num_new, num_keys) in enumerate(
+            zip(batch.ragged.lengths, batch.ragged.contexts, strict=True)
+        ):
+            queries = q[start : start + num_new, :, 0].transpose(0, 1)[None]  # [1, H, t, D]
+            slots = batch.read_slots[row, :num_keys]
+            keys = k_cache.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)  # [1, KVH, L, D]
+            values = v_cache.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)
+            mask = None if num_new == 1 else batch.attn_mask[row : row + 1, :, :num_new, :num_keys]
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+            outputs.append(out[0].transpose(0, 1).reshape(num_new, self.num_heads * self.head_dim))
+            start += num_new
+        return torch.cat(outputs)[:, None]
 
     @staticmethod
     def _read_cache(cache: torch.Tensor, read_slots: torch.Tensor) -> torch.Tensor:
@@ -87,7 +111,7 @@ class Attention(nn.Module):
     ) -> None:
         """Store the new tokens' K/V ([B, T, KVH, D]) at their cache slots; padding is skipped."""
         k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # [B*T, KVH, D]
-        if batch.real_tokens is not None:
+        if batch.real_tokens is not None and batch.ragged is None:  # packed tokens are all real
             k, v = k[batch.real_tokens], v[batch.real_tokens]
         k_cache.index_copy_(0, batch.write_index, k.to(k_cache.dtype))
         v_cache.index_copy_(0, batch.write_index, v.to(v_cache.dtype))
@@ -102,7 +126,7 @@ class MLP(nn.Module):
         self.down_proj = linears["down_proj"]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        lora = batch.lora
+        lora = batch.token_lora
         return self.down_proj(F.silu(self.gate_proj(x, lora)) * self.up_proj(x, lora), lora)
 
 
@@ -167,12 +191,26 @@ class LlamaModel(nn.Module):
         """The decoder's output for every new token, before the final norm: [B, T, hidden]."""
         # What the LoRA op derives from the slots is made anew in every forward (a CUDA graph replays
         # that work on its static slot tensor, which changes between replays).
-        batch.lora.cache.clear()
+        batch.token_lora.cache.clear()
         x = self.embed(batch)
+        if batch.ragged is not None:
+            return self._ragged_hidden_states(x, batch, kv)
         rope = self.rotary_emb(x, batch.positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, batch, kv.k[i], kv.v[i])
         return x
+
+    def _ragged_hidden_states(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """hidden_states with the layers on the real tokens only ([N, 1, hidden]), scattered back to
+        [B, T, hidden] (padding zero) for the LM head and prompt scoring."""
+        assert batch.ragged is not None and batch.real_tokens is not None
+        flat = x.reshape(-1, x.shape[-1])
+        tokens = flat.index_select(0, batch.real_tokens)[:, None]  # [N, 1, hidden]
+        rope = self.rotary_emb(tokens, batch.ragged.positions)
+        for i, layer in enumerate(self.layers):
+            tokens = layer(tokens, rope, batch, kv.k[i], kv.v[i])
+        out = torch.zeros_like(flat).index_copy_(0, batch.real_tokens, tokens[:, 0])
+        return out.view_as(x)
 
     @torch.inference_mode()
     def last_logits(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterd.server.config import EngineConfig, serving_cpu_threads
+from adapterd.server.config import EngineConfig
 from adapterd.server.engine.messages import AddRequest, CancelRequest, RequestOutput
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.llm import LLM
@@ -107,11 +106,3 @@ def test_cancel_by_id_ends_the_request_and_cancelling_an_ended_one_changes_nothi
 
 def test_the_engine_thread_runs_with_the_configured_cpu_threads(llm: LLM) -> None:
     assert llm.loop.call(lambda engine: torch.get_num_threads()).result() == 1
-
-
-@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 15)])
-def test_serve_leaves_one_core_to_the_front_end(
-    monkeypatch: pytest.MonkeyPatch, cores: int, threads: int
-) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    assert serving_cpu_threads() == threads
