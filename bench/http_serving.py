@@ -48,6 +48,9 @@ QUESTIONS = [
     "Suggest a name for a small bakery that sells sourdough bread.",
     "Tell me a fun fact about octopuses and their intelligence.",
 ]
+# A new loopback connection per request, for every server alike: llama-server may close a kept-alive
+# connection just as the next request reuses it ("Server disconnected without sending a response").
+FRESH_CONNECTIONS = httpx.Limits(max_keepalive_connections=0)
 # Extra request fields per server URL (the llama.cpp peer picks its LoRA by index, not by model name).
 PEER_BODY: dict[str, Any] = {}
 SYSTEM_SENTENCE = "You are the support assistant of a parcel delivery company and you answer politely. "
@@ -187,7 +190,7 @@ def user(question: str) -> list[dict[str, str]]:
 
 
 async def concurrent(url: str, models: list[str], max_tokens: int = NEW_TOKENS) -> list[Request]:
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=FRESH_CONNECTIONS) as client:
         calls = [
             chat(client, url, m, user(QUESTIONS[i % len(QUESTIONS)]), max_tokens)
             for i, m in enumerate(models)
@@ -196,7 +199,7 @@ async def concurrent(url: str, models: list[str], max_tokens: int = NEW_TOKENS) 
 
 
 async def sequential(url: str, model: str, count: int, messages: Any = None) -> list[Request]:
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=FRESH_CONNECTIONS) as client:
         return [
             await chat(client, url, model, messages(i) if messages else user(QUESTIONS[i % 8]), NEW_TOKENS)
             for i in range(count)
@@ -205,7 +208,7 @@ async def sequential(url: str, model: str, count: int, messages: Any = None) -> 
 
 async def poisson(url: str, models: list[str], rate: float, count: int, seed: int) -> list[Request]:
     rng = random.Random(seed)
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=FRESH_CONNECTIONS) as client:
         tasks = []
         for i in range(count):
             tasks.append(
@@ -220,7 +223,7 @@ async def poisson(url: str, models: list[str], rate: float, count: int, seed: in
 async def long_prompt(url: str, models: list[str]) -> dict[str, Any]:
     """7 streams decode 96 tokens; 1 s in, a 2,000-token prompt arrives. The streams' inter-token latency."""
     long_text = " ".join(f"Item {i}: the parcel left the depot." for i in range(250))
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=FRESH_CONNECTIONS) as client:
         streams = [
             asyncio.create_task(chat(client, url, m, user(QUESTIONS[i]), 96))
             for i, m in enumerate(models[:7])

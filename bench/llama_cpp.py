@@ -59,7 +59,7 @@ def start(src: Path, model_dir: Path, loras: list[Path], out: Path, threads: int
     model, converted = convert(src, model_dir, loras, out)
     port = free_port()
     args = ["-m", str(model), "-t", str(threads), "-np", "8", "-c", "8192", "--port", str(port)]
-    args += ["--lora-init-without-apply", *(x for path in converted for x in ("--lora", str(path)))]
+    args += ["--lora-init-without-apply", "--lora", ",".join(str(path) for path in converted)]
     binary = src / "build" / "bin" / "llama-server"
     log = (out / "llama-server.log").open("wb")
     process = subprocess.Popen([str(binary), *args], stdout=log, stderr=subprocess.STDOUT)
@@ -70,10 +70,23 @@ def start(src: Path, model_dir: Path, loras: list[Path], out: Path, threads: int
             raise RuntimeError(f"llama-server exited; see {out / 'llama-server.log'}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                shown = " ".join(a if not a.startswith("/") else Path(a).name for a in args)
+                check_adapters(url, len(loras))
+                shown = " ".join(_short(a) for a in args)
                 return Peer(process, url, shown, [p.name for p in loras])
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     process.kill()
     raise RuntimeError("llama-server did not become healthy")
+
+
+def check_adapters(url: str, count: int) -> None:
+    """llama-server must hold every LoRA (a repeated --lora flag once kept only the last one)."""
+    loaded = httpx.get(f"{url}/lora-adapters", timeout=10).json()
+    if len(loaded) != count:
+        raise RuntimeError(f"llama-server loaded {len(loaded)} LoRA adapters, not {count}")
+
+
+def _short(arg: str) -> str:
+    """Paths by their file names, for the report."""
+    return ",".join(Path(part).name for part in arg.split(",")) if arg.startswith("/") else arg
