@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,21 @@ from adapterd.clients.errors import AdapterdClientError
 SERVER_EXTRA_HINT = "this command needs the server extras: pip install 'adapterd[server]'"
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`, refused with a clear message otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model and engine flags of run and serve; their defaults are EngineConfig's (the one place)."""
     from adapterd.server.config import EngineConfig  # plain dataclasses: no torch
@@ -24,25 +39,28 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="default | PATH (HF dir or .gguf) | HUB_ID")
     parser.add_argument("--quantize", default="auto", choices=["auto", "nf4", "int8", "none"])
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
-    parser.add_argument("--max-rank", type=int, default=defaults.max_rank)
-    parser.add_argument("--max-gpu-adapters", type=int, default=defaults.max_gpu_adapters)
-    parser.add_argument("--max-soft-prompts", type=int, default=defaults.max_soft_prompts)
+    parser.add_argument("--max-batch", type=at_least(1), default=defaults.max_batch)
+    parser.add_argument("--max-rank", type=at_least(1), default=defaults.max_rank)
+    parser.add_argument("--max-gpu-adapters", type=at_least(1), default=defaults.max_gpu_adapters)
+    parser.add_argument("--max-soft-prompts", type=at_least(1), default=defaults.max_soft_prompts)
     parser.add_argument(
-        "--kv-cache-tokens", type=int, default=defaults.kv_cache_tokens, help="KV cache budget in tokens"
+        "--kv-cache-tokens",
+        type=at_least(defaults.kv_block_size),
+        default=defaults.kv_cache_tokens,
+        help="KV cache budget in tokens",
     )
     parser.add_argument(
         "--prefill-chunk-tokens",
-        type=int,
+        type=at_least(0),
         default=defaults.prefill_chunk_tokens,
         help="prompt tokens a step computes next to the requests that decode (chunked prefill; "
         "default: 64 on a CPU, 256 on a GPU)",
     )
     parser.add_argument(
         "--cpu-threads",
-        type=int,
+        type=at_least(0),
         help="torch threads of the engine on a CPU (serve: every core but one, left to the front end; "
-        "run: every core)",
+        "run: every core; 0: every core)",
     )
     parser.add_argument(
         "--enforce-eager", action="store_true", help="run decode steps eagerly, without CUDA graphs (GPU)"

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from adapterd.clients.cli import build_parser
 from adapterd.server.config import PREFILL_CHUNK_TOKENS, EngineConfig, serving_cpu_threads
 
 
@@ -22,3 +23,27 @@ def test_the_prefill_chunk_is_the_devices_unless_given(device: str) -> None:
     assert EngineConfig().for_device(device).prefill_chunk_tokens == PREFILL_CHUNK_TOKENS[device]
     assert EngineConfig(prefill_chunk_tokens=100).for_device(device).prefill_chunk_tokens == 100
     assert PREFILL_CHUNK_TOKENS["cpu"] < PREFILL_CHUNK_TOKENS["cuda"]  # CPU prefill is compute-bound
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-batch", "0", "must be at least 1, not 0"),
+        ("--cpu-threads", "-1", "must be at least 0, not -1"),
+        ("--prefill-chunk-tokens", "many", "'many' is not an integer"),
+        ("--kv-cache-tokens", "8", "must be at least 16, not 8"),
+    ],
+)
+def test_bad_engine_flags_are_refused_with_a_clear_message(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser("run").parse_args(["run", "--in", "a.jsonl", "--out", "b.jsonl", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_engine_flags_default_to_the_engine_config() -> None:
+    args = build_parser("run").parse_args(["run", "--in", "a.jsonl", "--out", "b.jsonl"])
+    defaults = EngineConfig()
+    assert (args.max_batch, args.prefill_chunk_tokens, args.cpu_threads) == (defaults.max_batch, 0, None)
