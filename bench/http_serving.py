@@ -132,18 +132,24 @@ def start_server(store: Path, log: Path, extra: list[str]) -> tuple[subprocess.P
     ]
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    wait_healthy(process, url, "adapterd serve", log)
+    return process, url
+
+
+def wait_healthy(process: subprocess.Popen[bytes], url: str, name: str, log: Path) -> None:
+    """Wait (at most 5 minutes) until the server at `url` answers /health with 200; kill it otherwise."""
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"adapterd serve exited; see {log}")
+            raise RuntimeError(f"{name} exited; see {log}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     process.kill()
-    raise RuntimeError("adapterd serve did not become healthy")
+    raise RuntimeError(f"{name} did not become healthy")
 
 
 def upload(url: str, adapter_id: str, path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,30 +53,19 @@ def convert(src: Path, model_dir: Path, loras: list[Path], out: Path) -> tuple[P
 
 
 def start(src: Path, model_dir: Path, loras: list[Path], out: Path, threads: int) -> Peer:
-    from .http_serving import free_port
+    from .http_serving import free_port, wait_healthy
 
     model, converted = convert(src, model_dir, loras, out)
     port = free_port()
     args = ["-m", str(model), "-t", str(threads), "-np", "8", "-c", "8192", "--port", str(port)]
     args += ["--lora-init-without-apply", "--lora", ",".join(str(path) for path in converted)]
     binary = src / "build" / "bin" / "llama-server"
-    log = (out / "llama-server.log").open("wb")
-    process = subprocess.Popen([str(binary), *args], stdout=log, stderr=subprocess.STDOUT)
+    log = out / "llama-server.log"
+    process = subprocess.Popen([str(binary), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama-server exited; see {out / 'llama-server.log'}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                check_adapters(url, len(loras))
-                shown = " ".join(_short(a) for a in args)
-                return Peer(process, url, shown, [p.name for p in loras])
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("llama-server did not become healthy")
+    wait_healthy(process, url, "llama-server", log)
+    check_adapters(url, len(loras))
+    return Peer(process, url, " ".join(_short(a) for a in args), [p.name for p in loras])
 
 
 def check_adapters(url: str, count: int) -> None:

@@ -19,13 +19,12 @@ from typing import Any
 from adapterd.adapters.store import AdapterRecord
 from adapterd.server.auth import Principal
 from adapterd.server.config import ServerConfig
-from adapterd.server.engine.messages import RequestOutput
+from adapterd.server.engine.messages import Event, RequestOutput
 from adapterd.server.errors import AdapterNotFound, EngineFailed, Forbidden, InvalidRequest, Overloaded
 from adapterd.server.llm import LLM, PreparedRequest
 from adapterd.server.metrics import Metrics
 from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
 
-Event = TokenEvent | Completion
 MAX_METADATA_BYTES = 64 * 1024  # an adapter's metadata, as JSON (UTF-8)
 
 

@@ -49,10 +49,7 @@ class EngineLoop:
         if self.is_stopping:
             for message in batch:
                 if isinstance(message, AddRequest):
-                    refusal = RequestOutput(
-                        message.request_id, refused=EngineStopped("the engine is stopping")
-                    )
-                    message.outbox.deliver([refusal])
+                    _refuse(message, EngineStopped("the engine is stopping"))
             return
         self.inbox.put(batch)
 
@@ -93,7 +90,7 @@ class EngineLoop:
         try:
             self.engine.admit(message)
         except Exception as exc:  # InvalidRequest, or a bug: the caller hears of it, the loop goes on
-            message.outbox.deliver([RequestOutput(message.request_id, refused=exc)])
+            _refuse(message, exc)
 
     def _call(self, call: _Call) -> None:
         if call.future.set_running_or_notify_cancel():
@@ -111,3 +108,8 @@ class EngineLoop:
                 self.engine.fail_running("internal error in the engine step")
             except Exception:
                 log.exception("failing the running sequences failed too")
+
+
+def _refuse(message: AddRequest, reason: Exception) -> None:
+    """Answer a request the engine will not run, in its own outbox; nothing was queued."""
+    message.outbox.deliver([RequestOutput(message.request_id, refused=reason)])
