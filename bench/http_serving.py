@@ -165,9 +165,15 @@ def upload(url: str, adapter_id: str, path: Path) -> None:
 
 
 async def chat(
-    client: httpx.AsyncClient, url: str, model: str, messages: list[dict[str, str]], max_tokens: int
+    client: httpx.AsyncClient,
+    url: str,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    extra: dict[str, Any] | None = None,
 ) -> Request:
     body = {
+        **(extra or {}),
         **PEER_BODY.get(url, lambda model: {})(model),
         "model": model,
         "messages": messages,

@@ -42,7 +42,10 @@ class ServerApi:
     ) -> Call[Generation]:
         """Continue `prompt` (plain text, no chat template) with the base model or the adapter `adapter_id`.
         Options: max_new_tokens (default 64), temperature (0 or unset: greedy), top_p, top_k (when
-        sampling), repetition_penalty, seed, stop (a string or a list)."""
+        sampling), repetition_penalty, seed, stop (a string or a list); ignore_eos, logit_bias ({token id:
+        bias}), min_tokens, stop_token_ids, presence_penalty, frequency_penalty (as in vLLM and OpenAI); and
+        at most one structured output: json_schema (a dict), json_object=True, regex, grammar (Lark) or
+        choice (a list of strings)."""
         return self._codec.generate(prompt, adapter_id, Sampling.of(options))
 
     @stream_endpoint

@@ -3,6 +3,7 @@ and answer parsing for GrpcClient and AsyncGrpcClient."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,30 @@ def parameters(sampling: Sampling) -> generation_pb2.GenerationParameters:
     }
     if sampling.is_sampling:
         optional.update(top_p=sampling.top_p, top_k=sampling.top_k)
+    extras = sampling.extras()
+    optional.update(
+        {
+            name: extras.get(name)
+            for name in ("ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty")
+        }
+    )
     for name, value in optional.items():
         if value is not None:
             setattr(message, name, value)
+    message.stop_token_ids.extend(sampling.stop_token_ids)
+    for token_id, bias in (sampling.logit_bias or {}).items():
+        message.logit_bias.add(token_id=int(token_id), bias=bias)
+    if sampling.structured is not None:
+        message.structured_output.CopyFrom(structured_output(*sampling.structured))
     return message
+
+
+def structured_output(name: str, value: Any) -> generation_pb2.StructuredOutput:
+    if name == "json_schema":
+        return generation_pb2.StructuredOutput(json_schema=json.dumps(value))
+    if name == "choice":
+        return generation_pb2.StructuredOutput(choice=generation_pb2.ChoiceList(choices=list(value)))
+    return generation_pb2.StructuredOutput(**{name: value})
 
 
 def generation(message: generation_pb2.GenerateResponse) -> Generation:

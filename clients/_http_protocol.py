@@ -87,8 +87,47 @@ def tgi_body(prompt: str, adapter_id: str | None, sampling: Sampling) -> dict[st
         "do_sample": sampling.is_sampling,
         "stop": list(sampling.stop),
         "adapter_id": adapter_id,
+        **tgi_extras(sampling),
     }
     return {"inputs": prompt, "parameters": _given(parameters, sampling)}
+
+
+def tgi_extras(sampling: Sampling) -> dict[str, Any]:
+    """The newer options in the TGI route's names: its `grammar` (json, regex, and adapterd's choice and
+    grammar types), LoRAX's response_format for any JSON object, `ignore_eos_token`, `min_new_tokens`."""
+    extras = sampling.extras()
+    if "ignore_eos" in extras:
+        extras["ignore_eos_token"] = extras.pop("ignore_eos")
+    if "min_tokens" in extras:
+        extras["min_new_tokens"] = extras.pop("min_tokens")
+    structured = sampling.structured
+    if structured is not None:
+        name, value = structured
+        if name == "json_object":
+            extras["response_format"] = {"type": "json_object"}
+        else:
+            kind = {"json_schema": "json"}.get(name, name)
+            extras["grammar"] = {"type": kind, "value": list(value) if name == "choice" else value}
+    return extras
+
+
+def chat_extras(sampling: Sampling) -> dict[str, Any]:
+    """The newer options in the OpenAI route's names: response_format for JSON, vLLM's structured_outputs
+    for a regex, a grammar or a choice."""
+    extras = sampling.extras()
+    structured = sampling.structured
+    if structured is not None:
+        name, value = structured
+        if name == "json_object":
+            extras["response_format"] = {"type": "json_object"}
+        elif name == "json_schema":
+            extras["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": value},
+            }
+        else:
+            extras["structured_outputs"] = {name: list(value) if name == "choice" else value}
+    return extras
 
 
 def chat_body(messages: Messages, model: str, sampling: Sampling) -> dict[str, Any]:
@@ -99,6 +138,7 @@ def chat_body(messages: Messages, model: str, sampling: Sampling) -> dict[str, A
         "max_tokens": sampling.max_new_tokens,
         "temperature": sampling.temperature or 0.0,
         "stop": list(sampling.stop) or None,
+        **chat_extras(sampling),
     }
     return _given(body, sampling)
 

@@ -28,6 +28,22 @@ class SamplingOptions(TypedDict, total=False):
     repetition_penalty: float
     seed: int
     stop: str | list[str]
+    ignore_eos: bool
+    logit_bias: Mapping[int, float]
+    min_tokens: int
+    stop_token_ids: list[int]
+    presence_penalty: float
+    frequency_penalty: float
+    # Structured output, at most one of them: the output is JSON matching the schema, any JSON object,
+    # text matching the regex in full, text of the Lark grammar, or exactly one of the choices.
+    json_schema: Mapping[str, Any]
+    json_object: bool
+    regex: str
+    grammar: str
+    choice: list[str]
+
+
+STRUCTURED = ("json_schema", "json_object", "regex", "grammar", "choice")
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,17 @@ class Sampling:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool | None = None
+    logit_bias: Mapping[int, float] | None = None
+    min_tokens: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    json_schema: Mapping[str, Any] | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    choice: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, options: Mapping[str, Any]) -> Sampling:
@@ -49,8 +76,33 @@ class Sampling:
         if unknown:
             raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         given = {name: value for name, value in options.items() if value is not None}
+        structured = [name for name in STRUCTURED if given.get(name)]
+        if len(structured) > 1:
+            raise TypeError(f"give at most one of {', '.join(STRUCTURED)}, not {' and '.join(structured)}")
         stop = given.pop("stop", ())
+        for name in ("stop_token_ids", "choice"):
+            if name in given:
+                given[name] = tuple(given[name])
         return cls(**given, stop=(stop,) if isinstance(stop, str) else tuple(stop))
+
+    @property
+    def structured(self) -> tuple[str, Any] | None:
+        """The structured-output option given, as (name, value)."""
+        for name in STRUCTURED:
+            value = getattr(self, name)
+            if value:
+                return name, value
+        return None
+
+    def extras(self) -> dict[str, Any]:
+        """The options beside the classic ones that were given, by name."""
+        names = ("ignore_eos", "logit_bias", "min_tokens", "presence_penalty", "frequency_penalty")
+        given = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.stop_token_ids:
+            given["stop_token_ids"] = list(self.stop_token_ids)
+        if "logit_bias" in given:
+            given["logit_bias"] = {str(token): bias for token, bias in given["logit_bias"].items()}
+        return given
 
     @property
     def is_sampling(self) -> bool:

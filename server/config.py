@@ -48,6 +48,11 @@ class ModelConfig:
 # CPU prefill is compute-bound and a 256-token chunk costs ~12x a decode step; on a GPU it is nearly free.
 PREFILL_CHUNK_TOKENS = {"cpu": 64, "cuda": 256}
 
+# Structured output: the most bytes a constraint's text (schema, regex, grammar, choices) may have, and how
+# many compiled grammars are kept (by their text) for the requests that repeat them.
+MAX_GRAMMAR_BYTES = 64 * 1024
+GRAMMAR_CACHE_SIZE = 256
+
 
 @dataclass(frozen=True)
 class EngineConfig:

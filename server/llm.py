@@ -24,6 +24,7 @@ from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.loop import EngineLoop
 from adapterd.server.engine.messages import AddRequest, CancelRequest, EventSink, Outbox, SinkOutbox
 from adapterd.server.errors import InvalidRequest
+from adapterd.server.grammar import GrammarMatcher, Grammars
 from adapterd.server.model.loader import Placement, load_model
 from adapterd.server.model.resolve import resolve_model
 from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
@@ -38,6 +39,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     request: GenerateRequest
     adapter: LoadedAdapter | None
+    grammar: GrammarMatcher | None = None
 
 
 class RequestHandle:
@@ -83,6 +85,7 @@ class LLM:
         )
         eos = eos_token_ids(resolved.path, self.tokenizer, self.model.config)
         self.engine = LLMEngine(self.model, self.tokenizer, eos, self.engine_config)
+        self.grammars = Grammars(self.tokenizer, self.engine.vocab_size, eos)
         self.loop = EngineLoop(self.engine).start()
 
     def add_adapter(self, adapter_id: str, path: str | Path) -> AdapterRecord:
@@ -107,18 +110,22 @@ class LLM:
         return list(self.tokenizer(request.prompt).input_ids)
 
     def prepare(self, request: GenerateRequest) -> PreparedRequest:
-        """Tokenize, resolve the adapter and check the request fits; raises on any problem."""
+        """Tokenize, resolve the adapter, check the request fits and compile its constraint (cached by its
+        text); raises on any problem, before anything reaches the engine."""
+        params = request.params
+        self.engine.check_params(params)
+        grammar = self.grammars.matcher(params.constraint) if params.constraint else None
         prompt_ids = self.encode(request)
         adapter = self.adapters.resolve(request.adapter_id)
         self.engine.check_prompt(prompt_ids)
-        self.engine.check_fits(len(prompt_ids), request.params, adapter)
-        return PreparedRequest(_unique_id(request.request_id), prompt_ids, request, adapter)
+        self.engine.check_fits(len(prompt_ids), params, adapter)
+        return PreparedRequest(_unique_id(request.request_id), prompt_ids, request, adapter, grammar)
 
     def enqueue(self, prepared: list[PreparedRequest], outboxes: list[Outbox]) -> list[RequestHandle]:
         """Hand prepared requests to the engine thread in one message batch: they join the same step.
         Their outputs arrive in their outboxes (a refusal too, as `RequestOutput.refused`)."""
         self.loop.send(
-            AddRequest(p.request_id, tuple(p.prompt_ids), p.request.params, p.adapter, outbox)
+            AddRequest(p.request_id, tuple(p.prompt_ids), p.request.params, p.adapter, outbox, p.grammar)
             for p, outbox in zip(prepared, outboxes, strict=True)
         )
         return [RequestHandle(self.loop, p.request_id) for p in prepared]

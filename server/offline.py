@@ -1,7 +1,10 @@
 """`adapterd run`: offline batch inference over JSONL, without a server.
 
 Each input line: {"id", "prompt" | "messages", "adapter_id"?, "max_new_tokens"?, "temperature"?, "top_p"?,
-"top_k"?, "seed"?, "stop"?}; each output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"}.
+"top_k"?, "seed"?, "stop"?, "repetition_penalty"?, "ignore_eos"?, "logit_bias"? ({"token id": bias}),
+"min_tokens"?, "stop_token_ids"?, "presence_penalty"?, "frequency_penalty"?} and at most one structured
+output: "json_schema" (an object), "json_object": true, "regex", "grammar" (Lark) or "choice" (a list of
+strings); each output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens"}.
 The whole file is validated before the model loads; problems are reported with their line numbers.
 """
 
@@ -13,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams
+from adapterd.server.errors import InvalidRequest
+from adapterd.server.http.structured import logit_bias, token_id_list
+from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, constraint
 
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,),
@@ -22,8 +27,13 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "top_k": (int,),
     "seed": (int,),
     "repetition_penalty": (int, float),
+    "min_tokens": (int,),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
 }
-KNOWN_FIELDS = {"id", "prompt", "messages", "adapter_id", "stop", *PARAM_TYPES}
+STRUCTURED = ("json_schema", "json_object", "regex", "grammar", "choice")
+EXTRA_FIELDS = ("ignore_eos", "logit_bias", "stop_token_ids")
+KNOWN_FIELDS = {"id", "prompt", "messages", "adapter_id", "stop", *PARAM_TYPES, *STRUCTURED, *EXTRA_FIELDS}
 
 
 class InputError(ValueError):
@@ -86,6 +96,18 @@ def sampling_params(record: dict[str, Any]) -> SamplingParams:
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise ValueError("stop must be a string or a list of strings")
         params["stop"] = tuple(stop)
+    if record.get("ignore_eos") is not None:
+        params["ignore_eos"] = _typed(record, "ignore_eos", bool)
+    try:
+        params["logit_bias"] = logit_bias(record.get("logit_bias")) or ()
+        params["stop_token_ids"] = token_id_list(record.get("stop_token_ids"), "stop_token_ids") or ()
+        given = [name for name in STRUCTURED if record.get(name) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of {', '.join(STRUCTURED)}, not {' and '.join(given)}")
+        if given:
+            params["constraint"] = constraint(given[0], record[given[0]], given[0])  # type: ignore[arg-type]
+    except InvalidRequest as exc:
+        raise ValueError(str(exc)) from exc
     return SamplingParams(**params)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,6 +11,48 @@ from adapterd.server.errors import InvalidRequest
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's limit)
+MAX_LOGIT_BIAS = 100.0  # |bias| a token may get (OpenAI's range)
+MAX_PENALTY = 2.0  # |presence_penalty| and |frequency_penalty| (OpenAI's range)
+ConstraintKind = Literal["json_schema", "json_object", "regex", "grammar", "choice"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What every generated token must keep the output within: a JSON schema (`value` is its JSON text),
+    any JSON object, a regular expression, a Lark grammar or a choice list (`value` a JSON list of strings).
+    `field` names the request field it came from, for errors."""
+
+    kind: ConstraintKind
+    value: str = ""
+    field: str = "constraint"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What the compiled grammar is cached by."""
+        return self.kind, self.value
+
+
+def constraint(kind: ConstraintKind, value: Any, field: str) -> Constraint:
+    """A Constraint from a front end's value: a schema as an object or its JSON text, a regex or grammar as
+    text, choices as a list of strings. Values of the wrong shape raise InvalidRequest naming `field`."""
+    if kind == "json_object":
+        return Constraint(kind, "", field)
+    if kind == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise InvalidRequest(f"{field} is not valid JSON: {exc}", param=field) from exc
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{field} must be a JSON schema (an object)", param=field)
+        return Constraint(kind, json.dumps(value), field)  # key order kept: it is the output's order
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+            raise InvalidRequest(f"{field} must be a non-empty list of non-empty strings", param=field)
+        return Constraint(kind, json.dumps(value), field)
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{field} must be a non-empty string", param=field)
+    return Constraint(kind, value, field)
 
 
 @dataclass(frozen=True)
@@ -30,6 +73,15 @@ class SamplingParams:
     # None: no prompt log-probabilities. k >= 0: every prompt token's log-probability (the first one has
     # none) and its k most likely alternatives, computed on this row only.
     prompt_logprobs: int | None = None
+    # vLLM's and OpenAI's meanings: bias added to a token's logit; no end-of-sequence or stop token before
+    # min_tokens; more tokens that end the output (left in it); penalties subtracted from the logits of
+    # tokens already generated (presence: once; frequency: once per occurrence).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    constraint: Constraint | None = None  # structured output: every token keeps the output within it
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -52,12 +104,42 @@ class SamplingParams:
                 self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
                 f"prompt_logprobs must be in 0..{MAX_LOGPROBS}",
             ),
+            (
+                all(abs(bias) <= MAX_LOGIT_BIAS for _, bias in self.logit_bias),
+                f"logit_bias values must be in -{MAX_LOGIT_BIAS:g}..{MAX_LOGIT_BIAS:g}",
+            ),
+            (0 <= self.min_tokens <= self.max_new_tokens, "min_tokens must be in 0..max_new_tokens"),
+            (
+                abs(self.presence_penalty) <= MAX_PENALTY,
+                f"presence_penalty must be in -{MAX_PENALTY:g}..{MAX_PENALTY:g}",
+            ),
+            (
+                abs(self.frequency_penalty) <= MAX_PENALTY,
+                f"frequency_penalty must be in -{MAX_PENALTY:g}..{MAX_PENALTY:g}",
+            ),
         ]
         return [message for ok, message in checks if not ok]
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Every token id the parameters name (each must lie in the vocabulary)."""
+        return tuple(token_id for token_id, _ in self.logit_bias) + self.stop_token_ids
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything but temperature, top-k and top-p changes the logits a token is drawn from."""
+        return bool(
+            self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.constraint
+        )
 
 
 def sampling_params(**values: Any) -> SamplingParams:
@@ -66,7 +148,7 @@ def sampling_params(**values: Any) -> SamplingParams:
     try:
         return SamplingParams(**given)
     except (ValueError, TypeError) as exc:
-        raise InvalidRequest(str(exc)) from exc
+        raise InvalidRequest(str(exc), param=str(exc).split(" ", 1)[0]) from exc  # problems() start with it
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,23 @@ class LLMEngine:
                 f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})"
             )
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Token ids the parameters name (logit_bias, stop_token_ids) must exist in the vocabulary."""
+        for name, ids in (
+            ("logit_bias", [i for i, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"{name}: token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})",
+                    param=name,
+                )
+        if params.constraint is not None and self.tokenizer is None:
+            raise InvalidRequest(
+                "structured output needs a model with a tokenizer", param=params.constraint.field
+            )
+
     def check_fits(
         self, num_prompt_tokens: int, params: SamplingParams, adapter: LoadedAdapter | None
     ) -> None:
@@ -116,7 +133,10 @@ class LLMEngine:
             raise InvalidRequest(f"request id {message.request_id!r} is already running")
         prompt_ids = list(message.prompt_ids)
         self.check_prompt(prompt_ids)
+        self.check_params(message.params)
         self.check_fits(len(prompt_ids), message.params, message.adapter)
+        if message.params.constraint is not None and message.grammar is None:
+            raise InvalidRequest("a constrained request must come with its grammar matcher (LLM.prepare)")
         generator, seed = self._generator(message.params)
         seq = Sequence(
             request_id=message.request_id,
@@ -125,6 +145,7 @@ class LLMEngine:
             outbox=message.outbox,
             detokenizer=Detokenizer(self.tokenizer, prompt_ids, message.params.stop),
             adapter=message.adapter,
+            grammar=message.grammar,
             generator=generator,
             seed=seed,
         )
@@ -177,7 +198,7 @@ class LLMEngine:
 
     def choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenLogprob]:
         """Sample each row's next token and score it, with the alternatives the rows asked for."""
-        token_ids = sample(logits, seqs)
+        token_ids = sample(logits, seqs, self.eos_ids)
         k = max(seq.params.top_logprobs for seq in seqs)
         return token_logprobs(logits, torch.tensor(token_ids, device=logits.device), k)
 
@@ -192,6 +213,8 @@ class LLMEngine:
             seq.output_ids.append(token_id)
             seq.logprobs.append(TokenLogprob(token_id, score.logprob, top))
             self.num_generated_tokens += 1
+            if seq.grammar is not None:
+                seq.grammar.accept(token_id)
             text = seq.detokenizer.add(token_id)
             reason = self._finish_reason(seq, token_id)
             if reason:
@@ -201,10 +224,13 @@ class LLMEngine:
                 self._finish(seq, reason)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
-        if seq.detokenizer.stopped_at is not None:
+        params = seq.params
+        if seq.detokenizer.stopped_at is not None or token_id in params.stop_token_ids:
             return "stop"
-        if token_id in self.eos_ids and not seq.params.ignore_eos:
-            return "eos"
+        if token_id in self.eos_ids and not params.ignore_eos:
+            return "stop" if seq.grammar is not None else "eos"
+        if seq.grammar is not None and seq.grammar.is_finished:
+            return "stop"
         if len(seq.output_ids) >= seq.params.max_new_tokens:
             return "length"
         return None

@@ -17,6 +17,7 @@ from adapterd.server.protocol import Completion, SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
     from adapterd.server.engine.adapter_slots import LoadedAdapter
+    from adapterd.server.grammar import GrammarMatcher
 
 Event = TokenEvent | Completion
 EventSink = Callable[[Event], None]
@@ -39,13 +40,15 @@ class Outbox(Protocol):
 
 @dataclass(frozen=True)
 class AddRequest:
-    """A prepared request: tokenized, its adapter version resolved. `request_id` is unique in the engine."""
+    """A prepared request: tokenized, its adapter version resolved, its constraint (if any) compiled into a
+    fresh matcher. `request_id` is unique in the engine."""
 
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     adapter: LoadedAdapter | None
     outbox: Outbox
+    grammar: GrammarMatcher | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from adapterd.server.engine.adapter_slots import LoadedAdapter
     from adapterd.server.engine.detokenizer import Detokenizer
     from adapterd.server.engine.messages import Outbox
+    from adapterd.server.grammar import GrammarMatcher
 
 _ids = itertools.count()
 
@@ -33,6 +34,7 @@ class Sequence:
     outbox: Outbox  # where the engine delivers this request's events, once per step
     detokenizer: Detokenizer
     adapter: LoadedAdapter | None = None
+    grammar: GrammarMatcher | None = None  # structured output: where the output stands in its grammar
     seq_id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)

@@ -9,10 +9,12 @@ from adapterd.server.errors import InvalidRequest
 from adapterd.server.grpc.common import rpc
 from adapterd.server.protocol import (
     Completion,
+    Constraint,
     GenerateRequest,
     SamplingParams,
     TokenEvent,
     TokenLogprob,
+    constraint,
     sampling_params,
 )
 from adapterd.server.service import Service
@@ -29,12 +31,36 @@ OPTIONAL_PARAMS = (
     "seed",
     "top_logprobs",
     "prompt_logprobs",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
 )
 
 
 def parse_params(message: pb.GenerationParameters) -> SamplingParams:
     given = {name: getattr(message, name) for name in OPTIONAL_PARAMS if message.HasField(name)}
-    return sampling_params(**given, stop=tuple(message.stop), ignore_eos=message.ignore_eos)
+    return sampling_params(
+        **given,
+        stop=tuple(message.stop),
+        ignore_eos=message.ignore_eos,
+        logit_bias=tuple((b.token_id, b.bias) for b in message.logit_bias),
+        stop_token_ids=tuple(message.stop_token_ids),
+        constraint=parse_structured(message.structured_output)
+        if message.HasField("structured_output")
+        else None,
+    )
+
+
+def parse_structured(message: pb.StructuredOutput) -> Constraint | None:
+    kind = message.WhichOneof("kind")
+    name = f"structured_output.{kind}"
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return constraint("json_object", None, name) if message.json_object else None
+    if kind == "choice":
+        return constraint("choice", list(message.choice.choices), name)
+    return constraint(kind, getattr(message, kind), name)
 
 
 def parse_request(message: pb.GenerateRequest) -> GenerateRequest:

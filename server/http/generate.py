@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from adapterd.server.errors import AdapterdError, InvalidRequest
 from adapterd.server.http.params import NUMBER, field, json_body, stop_list
 from adapterd.server.http.sse import first_then_rest, sse_response
+from adapterd.server.http.structured import one_constraint, response_format, sampling_extras, tgi_grammar
 from adapterd.server.protocol import (
     Completion,
     GenerateRequest,
@@ -40,9 +41,6 @@ MAX_BEST_OF = 8
 UNSUPPORTED = {
     "typical_p": (None,),
     "watermark": (None, False),
-    "frequency_penalty": (None, 0, 0.0),
-    "grammar": (None,),
-    "response_format": (None,),
     "merged_adapters": (None,),
 }
 
@@ -89,6 +87,11 @@ def parse(body: dict[str, Any], path_adapter: str | None = None) -> TgiRequest:
         ignore_eos=field(p, "ignore_eos_token", bool),
         top_logprobs=top_n,
         prompt_logprobs=0 if want_prefill else None,
+        constraint=one_constraint(
+            tgi_grammar(p.get("grammar")),
+            response_format(p.get("response_format"), "parameters.response_format"),
+        ),
+        **sampling_extras(p, "parameters.", min_tokens="min_new_tokens"),
     )
     truncate = field(p, "truncate", int)
     if truncate is not None and truncate < 1:

@@ -23,6 +23,7 @@ from adapterd.server.errors import AdapterdError, InvalidRequest
 from adapterd.server.http.openai_logprobs import LegacyLogprobs, chat_logprobs
 from adapterd.server.http.params import NUMBER, field, is_token_id, json_body, messages_field, stop_list
 from adapterd.server.http.sse import first_then_rest, sse_response
+from adapterd.server.http.structured import one_constraint, response_format, sampling_extras, vllm_structured
 from adapterd.server.protocol import (
     MAX_LOGPROBS,
     Completion,
@@ -33,6 +34,7 @@ from adapterd.server.protocol import (
     sampling_params,
 )
 from adapterd.server.service import Service
+from adapterd.server.tools import ToolChoice, parse_functions, parse_tool_choice, with_tool_prompt
 
 FINISH_REASONS = {"length": "length", "eos": "stop", "stop": "stop", "cancelled": "stop", "error": "stop"}
 CHAT_MAX_TOKENS = 256  # when the request names no max_tokens (OpenAI: until the context ends)
@@ -87,7 +89,9 @@ def _chat_choices(body: dict[str, Any]) -> Choices:
     return Choices(n=n, logprobs=(top or 0) if wants else None)
 
 
-def _params(body: dict[str, Any], max_tokens_default: int, choices: Choices) -> Any:
+def _params(
+    body: dict[str, Any], max_tokens_default: int, choices: Choices, tools: ToolChoice | None = None
+) -> Any:
     max_tokens = field(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = field(body, "max_tokens", int, max_tokens_default)
@@ -107,6 +111,12 @@ def _params(body: dict[str, Any], max_tokens_default: int, choices: Choices) -> 
         top_logprobs=choices.logprobs or 0,
         prompt_logprobs=prompt_logprobs,
         ignore_eos=field(body, "ignore_eos", bool, False),  # vLLM's extension: generate max_tokens always
+        constraint=one_constraint(
+            response_format(body.get("response_format")),
+            vllm_structured(body),
+            tools.constraint() if tools else None,
+        ),
+        **sampling_extras(body),
     )
 
 
@@ -128,6 +138,23 @@ def _prompts(value: Any) -> list[Prompt]:
             raise InvalidRequest(f"prompt[{i}] is empty", param="prompt")
         prompts.append(item)
     return prompts
+
+
+def _tools(body: dict[str, Any]) -> ToolChoice | None:
+    """The tool choice a chat request makes; None without tools or with tool_choice "none"."""
+    if body.get("tools") is None:
+        if body.get("tool_choice") not in (None, "none"):
+            raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+        return None
+    return parse_tool_choice(parse_functions(body["tools"]), body.get("tool_choice"))
+
+
+def tool_calls(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """OpenAI's tool_calls for (name, arguments JSON) calls."""
+    return [
+        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": n, "arguments": a}}
+        for n, a in calls
+    ]
 
 
 def _model(body: dict[str, Any]) -> str:
@@ -190,15 +217,19 @@ class OpenAIRoutes:
         body = await json_body(http)
         model = _model(body)
         choices = _chat_choices(body)
+        tools = _tools(body)
+        messages = messages_field(body.get("messages"))
         request = GenerateRequest(
-            messages=messages_field(body.get("messages")),
+            messages=with_tool_prompt(messages, tools) if tools else messages,
             adapter_id=model,
-            params=_params(body, CHAT_MAX_TOKENS, choices),
+            params=_params(body, CHAT_MAX_TOKENS, choices, tools),
         )
         if field(body, "stream", bool, False):
-            return await self._stream(http, body, _requests([request], choices.n), model, True, choices)
+            return await self._stream(
+                http, body, _requests([request], choices.n), model, True, choices, tools
+            )
         done = await self.service.generate_all(_requests([request], choices.n), self.principal(http))
-        rendered = [self._chat_choice(i, c, choices) for i, c in enumerate(done)]
+        rendered = [self._chat_choice(i, c, choices, tools) for i, c in enumerate(done)]
         usage = _usage(done[0].prompt_tokens, sum(len(c.token_ids) for c in done))
         return JSONResponse(_envelope("chatcmpl", "chat.completion", model, rendered, usage))
 
@@ -229,11 +260,15 @@ class OpenAIRoutes:
         reason = FINISH_REASONS[done.finish_reason]
         return {"index": index, "text": echoed + done.text, "finish_reason": reason, "logprobs": logprobs}
 
-    def _chat_choice(self, index: int, done: Completion, choices: Choices) -> dict:
+    def _chat_choice(self, index: int, done: Completion, choices: Choices, tools: ToolChoice | None) -> dict:
+        calls = tools.calls(done.text) if tools else None
+        message: dict[str, Any] = {"role": "assistant", "content": done.text}
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": tool_calls(calls)}
         return {
             "index": index,
-            "message": {"role": "assistant", "content": done.text},
-            "finish_reason": FINISH_REASONS[done.finish_reason],
+            "message": message,
+            "finish_reason": "tool_calls" if calls else FINISH_REASONS[done.finish_reason],
             "logprobs": None
             if choices.logprobs is None
             else chat_logprobs(self.service.token_text, done.logprobs),
@@ -247,10 +282,11 @@ class OpenAIRoutes:
         model: str,
         chat: bool,
         choices: Choices,
+        tools: ToolChoice | None = None,
     ) -> Response:
         events = await first_then_rest(self.service.stream_all(requests, self.principal(http)))
         options = field(body, "stream_options", dict, {})
-        chunks = _StreamChunks(self.service, model, chat, choices, bool(options.get("include_usage")))
+        chunks = _StreamChunks(self.service, model, chat, choices, bool(options.get("include_usage")), tools)
         return sse_response(chunks.render(events, len(requests)), openai_error)
 
 
@@ -269,9 +305,16 @@ def _envelope(prefix: str, kind: str, model: str, choices: list[dict], usage: di
 
 class _StreamChunks:
     def __init__(
-        self, service: Service, model: str, chat: bool, choices: Choices, include_usage: bool
+        self,
+        service: Service,
+        model: str,
+        chat: bool,
+        choices: Choices,
+        include_usage: bool,
+        tools: ToolChoice | None = None,
     ) -> None:
         self.service = service
+        self.tools = tools  # with tools, a choice's text is held back until it is known to be calls or not
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.model = model
         self.chat = chat
@@ -303,6 +346,15 @@ class _StreamChunks:
             return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
         return {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
 
+    def tool_delta(self, index: int, done: Completion) -> dict:
+        """A choice's whole output in one delta: its tool calls, or its text when it made none."""
+        assert self.tools is not None
+        calls = self.tools.calls(done.text)
+        if not calls:
+            return {"index": index, "delta": {"content": done.text}, "finish_reason": None, "logprobs": None}
+        deltas = [{"index": k, **call} for k, call in enumerate(tool_calls(calls))]
+        return {"index": index, "delta": {"tool_calls": deltas}, "finish_reason": None, "logprobs": None}
+
     async def render(self, events: AsyncIterator[tuple[int, Any]], num_choices: int) -> AsyncIterator[Any]:
         if self.chat:
             yield self.chunk(
@@ -319,6 +371,10 @@ class _StreamChunks:
         prompt_tokens: dict[int, int] = {}
         generated = 0
         async for index, event in events:
+            if isinstance(event, TokenEvent) and self.tools is not None:
+                continue
+            if self.tools is not None:
+                yield self.chunk([self.tool_delta(index, event)])
             if isinstance(event, TokenEvent):
                 if event.text or self.choices.logprobs is not None:
                     score = TokenLogprob(event.token_id, event.logprob, event.top)
@@ -326,7 +382,10 @@ class _StreamChunks:
             else:
                 prompt_tokens[index] = event.prompt_tokens
                 generated += len(event.token_ids)
-                yield self.chunk([self.choice(index, None, FINISH_REASONS[event.finish_reason], None)])
+                reason = FINISH_REASONS[event.finish_reason]
+                if self.tools is not None and self.tools.calls(event.text):
+                    reason = "tool_calls"
+                yield self.chunk([self.choice(index, None, reason, None)])
         if self.include_usage:
             # choices of one prompt share its tokens: count each distinct prompt once
             per_prompt = {i // self.choices.n: tokens for i, tokens in prompt_tokens.items()}

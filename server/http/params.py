@@ -8,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 
 from adapterd.server.errors import InvalidRequest
+from adapterd.server.tools import calls_text
 
 NUMBER = (int, float)
 
@@ -62,6 +63,8 @@ def _message(message: Any, index: int) -> dict[str, str]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise InvalidRequest(f"messages[{index}] must be an object with a string role")
     content = message.get("content")
+    if message.get("tool_calls") and not content:  # an assistant turn that called tools
+        return {"role": message["role"], "content": calls_text(message["tool_calls"], f"messages[{index}]")}
     if isinstance(content, list):
         parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):

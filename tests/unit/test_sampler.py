@@ -16,8 +16,9 @@ from transformers.generation.logits_process import (
 
 from adapterd.server.config import EngineConfig
 from adapterd.server.engine.detokenizer import Detokenizer
+from adapterd.server.engine.logits_processors import apply_repetition_penalty
 from adapterd.server.engine.messages import SinkOutbox
-from adapterd.server.engine.sampler import apply_repetition_penalty, filter_logits, sample
+from adapterd.server.engine.sampler import filter_logits, sample
 from adapterd.server.engine.sequence import Sequence
 from adapterd.server.llm import LLM
 from adapterd.server.protocol import GenerateRequest, SamplingParams
@@ -126,13 +127,13 @@ def test_repetition_penalty_does_not_modify_its_input() -> None:
 def test_greedy_rows_are_the_argmax() -> None:
     logits = torch.stack([random_logits(seed) for seed in SEEDS])  # [B, vocab]
     seqs = [make_seq(SamplingParams()) for _ in SEEDS]
-    assert sample(logits, seqs) == logits.argmax(dim=-1).tolist()
+    assert sample(logits, seqs, set()) == logits.argmax(dim=-1).tolist()
 
 
 def test_greedy_rows_are_the_argmax_beside_sampled_rows() -> None:
     logits = torch.stack([random_logits(seed, scale=1.0) for seed in SEEDS])  # [B, vocab]
     params = [SamplingParams(), SamplingParams(temperature=1.0, seed=1), SamplingParams(), SamplingParams()]
-    tokens = sample(logits, [make_seq(p) for p in params])
+    tokens = sample(logits, [make_seq(p) for p in params], set())
     argmax = logits.argmax(dim=-1).tolist()
     assert [tokens[0], tokens[2], tokens[3]] == [argmax[0], argmax[2], argmax[3]]
 
@@ -141,13 +142,13 @@ def test_greedy_with_repetition_penalty_is_the_argmax_of_penalized_logits() -> N
     logits = random_logits(2)
     top_two = torch.topk(logits, 2).indices.tolist()
     seq = make_seq(SamplingParams(repetition_penalty=1e6), prompt_ids=[top_two[0]])
-    assert sample(logits[None], [seq]) == [top_two[1]]
+    assert sample(logits[None], [seq], set()) == [top_two[1]]
 
 
 def test_temperature_with_top_k_one_picks_the_argmax() -> None:
     logits = torch.stack([random_logits(seed, scale=0.1) for seed in SEEDS])  # nearly flat
     seqs = [make_seq(SamplingParams(temperature=2.0, top_k=1, seed=seed)) for seed in SEEDS]
-    assert sample(logits, seqs) == logits.argmax(dim=-1).tolist()
+    assert sample(logits, seqs, set()) == logits.argmax(dim=-1).tolist()
 
 
 @pytest.fixture(scope="module")

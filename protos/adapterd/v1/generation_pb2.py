@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x64\x61pterd/v1/generation.proto\x12\x0b\x61\x64\x61pterd.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.adapterd.v1.ChatMessage\"\x80\x03\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\x05H\x07\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_top_logprobsB\x12\n\x10_prompt_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd3\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12-\n\x08messages\x18\x02 \x01(\x0b\x32\x19.adapterd.v1.ChatMessagesH\x00\x12+\n\nprompt_ids\x18\x05 \x01(\x0b\x32\x15.adapterd.v1.TokenIdsH\x00\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x35\n\nparameters\x18\x04 \x01(\x0b\x32!.adapterd.v1.GenerationParametersB\x07\n\x05input\"\xf8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x05\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.adapterd.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.adapterd.v1.TokenLogprob\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.adapterd.v1.TopTokenB\n\n\x08_logprob\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\\\n\x05Token\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.adapterd.v1.TopToken\"u\n\x16GenerateStreamResponse\x12#\n\x05token\x18\x01 \x01(\x0b\x32\x12.adapterd.v1.TokenH\x00\x12-\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1d.adapterd.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent2\xac\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.adapterd.v1.GenerateRequest\x1a\x1d.adapterd.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.adapterd.v1.GenerateRequest\x1a#.adapterd.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61\x64\x61pterd/v1/generation.proto\x12\x0b\x61\x64\x61pterd.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.adapterd.v1.ChatMessage\"\x90\x05\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\t \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\n \x01(\x05H\x07\x88\x01\x01\x12*\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x16.adapterd.v1.LogitBias\x12\x17\n\nmin_tokens\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x1d\n\x10presence_penalty\x18\x0e \x01(\x01H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0f \x01(\x01H\n\x88\x01\x01\x12\x38\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1d.adapterd.v1.StructuredOutputB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0f\n\r_top_logprobsB\x12\n\x10_prompt_logprobsB\r\n\x0b_min_tokensB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"+\n\tLogitBias\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04\x62ias\x18\x02 \x01(\x01\"\x97\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12)\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x17.adapterd.v1.ChoiceListH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd3\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12-\n\x08messages\x18\x02 \x01(\x0b\x32\x19.adapterd.v1.ChatMessagesH\x00\x12+\n\nprompt_ids\x18\x05 \x01(\x0b\x32\x15.adapterd.v1.TokenIdsH\x00\x12\x12\n\nadapter_id\x18\x03 \x01(\t\x12\x35\n\nparameters\x18\x04 \x01(\x0b\x32!.adapterd.v1.GenerationParametersB\x07\n\x05input\"\xf8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x05\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.adapterd.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x19.adapterd.v1.TokenLogprob\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.adapterd.v1.TopTokenB\n\n\x08_logprob\"-\n\x08TopToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\\\n\x05Token\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.adapterd.v1.TopToken\"u\n\x16GenerateStreamResponse\x12#\n\x05token\x18\x01 \x01(\x0b\x32\x12.adapterd.v1.TokenH\x00\x12-\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1d.adapterd.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent2\xac\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.adapterd.v1.GenerateRequest\x1a\x1d.adapterd.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.adapterd.v1.GenerateRequest\x1a#.adapterd.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=91
   _globals['_CHATMESSAGES']._serialized_end=149
   _globals['_GENERATIONPARAMETERS']._serialized_start=152
-  _globals['_GENERATIONPARAMETERS']._serialized_end=536
-  _globals['_TOKENIDS']._serialized_start=538
-  _globals['_TOKENIDS']._serialized_end=561
-  _globals['_GENERATEREQUEST']._serialized_start=564
-  _globals['_GENERATEREQUEST']._serialized_end=775
-  _globals['_GENERATERESPONSE']._serialized_start=778
-  _globals['_GENERATERESPONSE']._serialized_end=1026
-  _globals['_TOKENLOGPROB']._serialized_start=1028
-  _globals['_TOKENLOGPROB']._serialized_end=1130
-  _globals['_TOPTOKEN']._serialized_start=1132
-  _globals['_TOPTOKEN']._serialized_end=1177
-  _globals['_TOKEN']._serialized_start=1179
-  _globals['_TOKEN']._serialized_end=1271
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1273
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1390
-  _globals['_GENERATION']._serialized_start=1393
-  _globals['_GENERATION']._serialized_end=1565
+  _globals['_GENERATIONPARAMETERS']._serialized_end=808
+  _globals['_LOGITBIAS']._serialized_start=810
+  _globals['_LOGITBIAS']._serialized_end=853
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=856
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1007
+  _globals['_CHOICELIST']._serialized_start=1009
+  _globals['_CHOICELIST']._serialized_end=1038
+  _globals['_TOKENIDS']._serialized_start=1040
+  _globals['_TOKENIDS']._serialized_end=1063
+  _globals['_GENERATEREQUEST']._serialized_start=1066
+  _globals['_GENERATEREQUEST']._serialized_end=1277
+  _globals['_GENERATERESPONSE']._serialized_start=1280
+  _globals['_GENERATERESPONSE']._serialized_end=1528
+  _globals['_TOKENLOGPROB']._serialized_start=1530
+  _globals['_TOKENLOGPROB']._serialized_end=1632
+  _globals['_TOPTOKEN']._serialized_start=1634
+  _globals['_TOPTOKEN']._serialized_end=1679
+  _globals['_TOKEN']._serialized_start=1681
+  _globals['_TOKEN']._serialized_end=1773
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1775
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1892
+  _globals['_GENERATION']._serialized_start=1895
+  _globals['_GENERATION']._serialized_end=2067
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,171 @@
+"""Tool calls, whatever the front end: the functions a request offers, the constraint that makes the model
+call them, the prompt that shows them to a model whose chat template cannot, and the calls read back.
+
+A call is written as JSON, `[{"name": ..., "arguments": {...}}, ...]`, each `arguments` constrained to its
+function's parameter schema. `required` must answer with calls; a named function answers with that
+function's arguments only; `auto` answers with calls or with plain text that does not start with `[`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from adapterd.server.errors import InvalidRequest
+from adapterd.server.protocol import Constraint, constraint
+
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+NO_PARAMETERS = {"type": "object", "properties": {}}
+ToolMode = Literal["auto", "required", "named"]
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def definition(self) -> dict[str, Any]:
+        """OpenAI's shape, as chat templates with tool support expect it."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    functions: tuple[Function, ...]
+    mode: ToolMode
+    named: str | None = None  # the function a "named" choice calls
+
+    def constraint(self) -> Constraint:
+        if self.mode == "named":
+            [function] = [f for f in self.functions if f.name == self.named]
+            return constraint("json_schema", function.parameters, f"tools[{self.named}].function.parameters")
+        schema = json.dumps(self.calls_schema())
+        if self.mode == "required":
+            return Constraint("json_schema", schema, "tools")
+        return Constraint(
+            "grammar", f"start: calls | text\ncalls: %json {schema}\ntext: /[^\\[\\s](.|\\n)*/", "tools"
+        )
+
+    def calls_schema(self) -> dict[str, Any]:
+        return {
+            "type": "array",
+            "minItems": 1,
+            "items": {"anyOf": [_call_schema(f) for f in self.functions]},
+        }
+
+    def prompt(self) -> str:
+        """The system prompt that shows the tools to a model whose chat template does not."""
+        listed = "\n".join(json.dumps(f.definition()["function"]) for f in self.functions)
+        if self.mode == "named":
+            how = f"Call the function {self.named}: answer with only its arguments, as a JSON object."
+        else:
+            how = (
+                'To call functions, answer with only a JSON array of calls: [{"name": <function name>, '
+                '"arguments": {<argument name>: <value>}}].'
+            )
+            if self.mode == "auto":
+                how += " If no function helps, answer in plain text."
+        return f"You can call these functions:\n{listed}\n{how}"
+
+    def calls(self, text: str) -> list[tuple[str, str]] | None:
+        """The (name, arguments JSON) calls the output makes; None when it is plain text or cut short."""
+        if self.mode == "named":
+            try:
+                json.loads(text)
+            except ValueError:
+                return None
+            return [(self.named or "", text)]
+        try:
+            calls = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(calls, list):
+            return None
+        return [(call["name"], json.dumps(call["arguments"])) for call in calls]
+
+
+def _call_schema(function: Function) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function.name}, "arguments": function.parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def parse_functions(tools: Any) -> tuple[Function, ...]:
+    """OpenAI's `tools`: a list of {"type": "function", "function": {name, description?, parameters?}}."""
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequest("tools must be a non-empty list", param="tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        spec = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(spec, dict):
+            raise InvalidRequest(
+                f'tools[{i}] must be {{"type": "function", "function": {{...}}}}', param="tools"
+            )
+        name, parameters = spec.get("name"), spec.get("parameters", NO_PARAMETERS)
+        if not isinstance(name, str) or not NAME.match(name):
+            raise InvalidRequest(f"tools[{i}].function.name must match {NAME.pattern}", param="tools")
+        if not isinstance(parameters, dict):
+            raise InvalidRequest(
+                f"tools[{i}].function.parameters must be a JSON schema object", param="tools"
+            )
+        description = spec.get("description") or ""
+        functions.append(Function(name, str(description), parameters))
+    if len({f.name for f in functions}) < len(functions):
+        raise InvalidRequest("tools: function names must be unique", param="tools")
+    return tuple(functions)
+
+
+def parse_tool_choice(functions: tuple[Function, ...], choice: Any) -> ToolChoice | None:
+    """OpenAI's `tool_choice`: "none" (None here), "auto" (the default), "required" or
+    {"type": "function", "function": {"name": ...}}."""
+    if choice is None or choice == "auto":
+        return ToolChoice(functions, "auto")
+    if choice == "none":
+        return None
+    if choice == "required":
+        return ToolChoice(functions, "required")
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise InvalidRequest(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if name not in {f.name for f in functions}:
+        raise InvalidRequest(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+    return ToolChoice(functions, "named", name)
+
+
+def with_tool_prompt(messages: tuple[dict[str, str], ...], choice: ToolChoice) -> tuple[dict[str, str], ...]:
+    """The messages with the tool prompt in their system turn (a new first turn if they have none)."""
+    first, *rest = messages
+    if first["role"] == "system":
+        return ({**first, "content": f"{first['content']}\n\n{choice.prompt()}"}, *rest)
+    return ({"role": "system", "content": choice.prompt()}, *messages)
+
+
+def calls_text(tool_calls: Any, where: str) -> str:
+    """An assistant turn's earlier `tool_calls` (OpenAI's shape) written as the model writes calls."""
+    if not isinstance(tool_calls, list):
+        raise InvalidRequest(f"{where}.tool_calls must be a list", param="messages")
+    calls = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequest(f"{where}.tool_calls: each needs a function with a name", param="messages")
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(
+                f"{where}.tool_calls: arguments must be JSON text", param="messages"
+            ) from exc
+        calls.append({"name": function["name"], "arguments": arguments})
+    return json.dumps(calls)
