@@ -67,6 +67,26 @@ def _add_generate(commands: Any) -> None:
     generate.add_argument("--repetition-penalty", type=float)
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    generate.add_argument(
+        "--ignore-eos", action="store_true", default=None, help="generate past end-of-sequence"
+    )
+    generate.add_argument("--min-tokens", type=int, help="no end-of-sequence or stop token before this many")
+    generate.add_argument(
+        "--stop-token-id", dest="stop_token_ids", type=int, action="append", help="(repeatable)"
+    )
+    generate.add_argument(
+        "--logit-bias", type=token_bias, action="append", metavar="ID=BIAS", help="(repeatable), -100..100"
+    )
+    generate.add_argument("--presence-penalty", type=float)
+    generate.add_argument("--frequency-penalty", type=float)
+    structured = generate.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", type=json_object, help="the output is JSON matching this schema")
+    structured.add_argument(
+        "--json-object", action="store_true", default=None, help="the output is a JSON object"
+    )
+    structured.add_argument("--regex", help="the output matches this regular expression")
+    structured.add_argument("--grammar", help="the output is text of this Lark grammar")
+    structured.add_argument("--choice", action="append", help="the output is one of these (repeatable)")
     generate.set_defaults(handler=generate_command)
 
 
@@ -83,12 +103,26 @@ def server_client(args: argparse.Namespace) -> Client:
     return Client(args.url, api_key=args.api_key, timeout=args.timeout)
 
 
-SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+SAMPLING_ARGS = (
+    *("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "ignore_eos"),
+    *("min_tokens", "stop_token_ids", "presence_penalty", "frequency_penalty"),
+    *("json_schema", "json_object", "regex", "grammar", "choice"),
+)
+
+
+def token_bias(text: str) -> tuple[int, float]:
+    """`ID=BIAS`, e.g. `50256=-100`."""
+    token, _, bias = text.partition("=")
+    try:
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ID=BIAS") from None
 
 
 def generate_command(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     options: Any = {name: getattr(args, name) for name in SAMPLING_ARGS}
+    options["logit_bias"] = dict(args.logit_bias) if args.logit_bias else None
     with server_client(args) as client:
         if args.chat:
             generation = client.chat([{"role": "user", "content": prompt}], args.adapter_id, **options)

@@ -1,7 +1,8 @@
 """Runs inside the TGI-clients environment (tests/compat/tgi-clients.txt): calls the real, unmodified
 `lorax-client` and `text-generation` packages against a server and prints what they parsed, as JSON.
 
-Usage: python tgi_probe.py '{"url": ..., "prompt": ..., "new_tokens": ..., "adapters": ["", "lora", ...]}'
+Usage: python tgi_probe.py '{"url": ..., "prompt": ..., "new_tokens": ..., "adapters": ["", "lora", ...],
+                             "schema": {...}, "regex": ..., "structured_tokens": ...}'
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ def lorax_calls(args: dict[str, Any]) -> dict[str, Any]:
     out["stream_route"] = [event.model_dump(mode="json") for event in on_route]
     out["unknown"] = error_name(lambda: client.generate(prompt, adapter_id=UNKNOWN, max_new_tokens=2))
     out["invalid"] = error_name(lambda: client.generate(prompt, max_new_tokens=2, typical_p=0.5))
+    budget, schema = args["structured_tokens"], args["schema"]
+    out["structured"] = client.generate(
+        prompt,
+        adapter_id="lora",
+        max_new_tokens=budget,
+        response_format={"type": "json_object", "schema": schema},
+    ).model_dump(mode="json")
+    stream = client.generate_stream(
+        prompt,
+        adapter_id="soft",
+        max_new_tokens=budget,
+        response_format={"type": "json_object", "schema": schema},
+    )
+    out["structured_stream"] = [event.model_dump(mode="json") for event in stream]
     return out
 
 
@@ -74,6 +89,19 @@ def text_generation_calls(args: dict[str, Any]) -> dict[str, Any]:
     unknown = Client(f"{args['url']}/models/{UNKNOWN}")
     out["unknown"] = error_name(lambda: unknown.generate(prompt, max_new_tokens=2))
     out["invalid"] = error_name(lambda: base.generate(prompt, max_new_tokens=2, typical_p=0.5))
+    from text_generation.types import Grammar, GrammarType
+
+    budget, lora = args["structured_tokens"], Client(f"{args['url']}/models/lora")
+    json_grammar = Grammar(type=GrammarType.Json, value=args["schema"])
+    out["structured"] = lora.generate(prompt, max_new_tokens=budget, grammar=json_grammar).model_dump(
+        mode="json"
+    )
+    regex = Grammar(type=GrammarType.Regex, value=args["regex"])
+    out["structured_regex"] = base.generate(prompt, max_new_tokens=budget, grammar=regex).model_dump(
+        mode="json"
+    )
+    bad = Grammar(type=GrammarType.Regex, value="(?!x)")
+    out["structured_invalid"] = error_name(lambda: base.generate(prompt, max_new_tokens=2, grammar=bad))
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,6 +215,29 @@ def test_generate_chat_and_sampling_flags(server: Server):
         json.loads(succeeds("generate", PROMPT, "--max-new-tokens", "6", *flags, *url, "--json"))["text"]
         == sampled.text
     )
+
+
+def test_generate_structured_output_and_the_newer_sampling_flags(server: Server):
+    url = ("--url", server.url)
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    text = succeeds("generate", PROMPT, "--json-schema", json.dumps(schema), "--max-new-tokens", "32", *url)
+    assert json.loads(text) in ({"ok": True}, {"ok": False})
+    assert succeeds("generate", PROMPT, "--choice", "up", "--choice", "down", *url).strip() in ("up", "down")
+    assert re.fullmatch(r"[0-9]{3}\n", succeeds("generate", PROMPT, "--regex", "[0-9]{3}", *url))
+    with Client(server.url) as client:
+        first = client.generate(PROMPT, max_new_tokens=1).token_ids[0]  # type: ignore[index]
+    flags = ("--logit-bias", f"{first}=100", "--stop-token-id", str(first), "--min-tokens", "2")
+    out = json.loads(succeeds("generate", PROMPT, "--max-new-tokens", "6", *flags, *url, "--json"))
+    assert (
+        out["token_ids"][-1] == first and first not in out["token_ids"][:2] and out["finish_reason"] == "stop"
+    )
+    both = adapterd("generate", PROMPT, "--regex", "a", "--grammar", "b", *url)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr  # argparse's usage error
 
 
 # -- errors, URL and keys ---------------------------------------------------------------------------------

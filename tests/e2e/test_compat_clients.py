@@ -6,11 +6,13 @@ greedy text is PEFT's for the base, a LoRA and a soft prompt."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from huggingface_hub import InferenceClient
@@ -24,6 +26,16 @@ ADAPTERS = ("", "lora", "soft")
 PROMPT = "The three primary colours are"
 NEW_TOKENS = 6
 PROBE = Path(__file__).parents[1] / "compat" / "tgi_probe.py"
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "colour": {"enum": ["red", "yellow", "blue"]},
+        "shade": {"type": "integer", "minimum": 1, "maximum": 9},
+    },
+    "required": ["colour", "shade"],
+    "additionalProperties": False,  # else a random model adds properties of its own, with endless names
+}
+REGEX = r"(red|yellow|blue)-[0-9]{2}"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +56,15 @@ def expected(
 def tgi_results(compat_server: Server) -> dict[str, Any]:
     """What lorax-client and text-generation parsed, from one run of tests/compat/tgi_probe.py."""
     python = compat_env("tgi-clients.txt")
-    args = {"url": compat_server.url, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "adapters": list(ADAPTERS)}
+    args = {
+        "url": compat_server.url,
+        "prompt": PROMPT,
+        "new_tokens": NEW_TOKENS,
+        "adapters": list(ADAPTERS),
+        "schema": SCHEMA,
+        "regex": REGEX,
+        "structured_tokens": 160,
+    }
     done = subprocess.run(
         [str(python), str(PROBE), json.dumps(args)], capture_output=True, text=True, timeout=300
     )
@@ -57,6 +77,18 @@ def base_name(server: Server) -> str:
 
 
 # -- lorax-client and text-generation -----------------------------------------------------------------------
+
+
+def test_tgi_clients_structured_output(tgi_results):
+    lorax, tg = tgi_results["lorax"], tgi_results["text_generation"]
+    for generated in (lorax["structured"], tg["structured"]):
+        jsonschema.validate(json.loads(generated["generated_text"]), SCHEMA)
+        assert generated["details"]["finish_reason"] == "stop_sequence"  # the grammar finished
+    streamed = lorax["structured_stream"]
+    jsonschema.validate(json.loads(streamed[-1]["generated_text"]), SCHEMA)
+    assert "".join(event["token"]["text"] for event in streamed) == streamed[-1]["generated_text"]
+    assert re.fullmatch(REGEX, tg["structured_regex"]["generated_text"])
+    assert tg["structured_invalid"] == "text_generation.errors.ValidationError"
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
