@@ -130,6 +130,11 @@ def grammar_text(constraint: Constraint) -> str:
     return str(LLMatcher.grammar_from_lark(constraint.value))
 
 
+def lark_json(schema: dict[str, Any]) -> str:
+    """A Lark `%json` item for `schema`, written with the same JSON_OPTIONS as a JSON-schema constraint."""
+    return f"%json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS})}"
+
+
 def choice_lark(constraint: Constraint) -> str:
     """A Lark grammar whose only outputs are the choices, each exactly."""
     choices = json.loads(constraint.value)

@@ -106,7 +106,7 @@ class LLM:
         if self.tokenizer is None:
             raise InvalidRequest("this model has no tokenizer: send prompt_ids")
         if request.messages is not None:
-            return encode_chat(self.tokenizer, list(request.messages))
+            return encode_chat(self.tokenizer, list(request.messages), list(request.tools))
         return list(self.tokenizer(request.prompt).input_ids)
 
     def prepare(self, request: GenerateRequest) -> PreparedRequest:
@@ -195,11 +195,15 @@ def load_tokenizer(path: Path) -> Any | None:
     return AutoTokenizer.from_pretrained(path) if has_tokenizer else None
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The chat template as text, then tokens: the same on transformers 4.x and 5.x."""
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """The chat template as text (with `tools` for a template that renders them), then tokens: the same on
+    transformers 4.x and 5.x."""
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidRequest("this model has no chat template: send a plain prompt")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 

@@ -162,6 +162,7 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     truncate: int | None = None  # keep only the last `truncate` prompt tokens (TGI's `truncate`)
+    tools: tuple[dict[str, Any], ...] = ()  # function definitions the chat template renders (tool calls)
 
     def __post_init__(self) -> None:
         given = sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids))

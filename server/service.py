@@ -24,6 +24,7 @@ from adapterd.server.errors import AdapterNotFound, EngineFailed, Forbidden, Inv
 from adapterd.server.llm import LLM, PreparedRequest
 from adapterd.server.metrics import Metrics
 from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
+from adapterd.server.tools import tool_style
 
 MAX_METADATA_BYTES = 64 * 1024  # an adapter's metadata, as JSON (UTF-8)
 
@@ -40,6 +41,7 @@ class Service:
         )
         tokenizer = llm.tokenizer
         self._special_ids = set(tokenizer.all_special_ids) if tokenizer is not None else set()
+        self.tool_style = tool_style(getattr(tokenizer, "chat_template", None))  # how the model calls tools
         scheduler, blocks = llm.engine.scheduler, llm.engine.blocks
         self.metrics.watch(
             lambda: len(scheduler.waiting),

@@ -1,9 +1,13 @@
 """Tool calls, whatever the front end: the functions a request offers, the constraint that makes the model
-call them, the prompt that shows them to a model whose chat template cannot, and the calls read back.
+call them, how the model is shown them, and the calls read back.
 
-A call is written as JSON, `[{"name": ..., "arguments": {...}}, ...]`, each `arguments` constrained to its
-function's parameter schema. `required` must answer with calls; a named function answers with that
-function's arguments only; `auto` answers with calls or with plain text that does not start with `[`.
+Two styles. A chat template that renders `tools` and writes calls as `<tool_call>{"name", "arguments"}
+</tool_call>` (Hermes, Qwen 2.5 and 3, and their fine-tunes) gets the tools through the template and is held
+to that format ("hermes"). Any other model is shown the tools in its system turn and writes calls as a JSON
+array `[{"name": ..., "arguments": {...}}, ...]` ("json"). Either way each `arguments` is constrained to its
+function's parameter schema: `required` must answer with calls, a named function answers with that
+function's arguments only, and `auto` answers with calls or with plain text (which may not start with `[`,
+or with `<` in the hermes style).
 """
 
 from __future__ import annotations
@@ -14,11 +18,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapterd.server.errors import InvalidRequest
+from adapterd.server.grammar import lark_json
 from adapterd.server.protocol import Constraint, constraint
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}}
 ToolMode = Literal["auto", "required", "named"]
+ToolStyle = Literal["json", "hermes"]
+HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def tool_style(chat_template: Any) -> ToolStyle:
+    """Hermes style for a chat template that renders tools and writes calls in <tool_call> tags."""
+    text = chat_template if isinstance(chat_template, str) else ""
+    return "hermes" if "<tool_call>" in text and "tools" in text else "json"
 
 
 @dataclass(frozen=True)
@@ -40,22 +53,41 @@ class ToolChoice:
     functions: tuple[Function, ...]
     mode: ToolMode
     named: str | None = None  # the function a "named" choice calls
+    style: ToolStyle = "json"
+    parallel: bool = True  # OpenAI's parallel_tool_calls: false allows one call only
 
     def constraint(self) -> Constraint:
         if self.mode == "named":
             [function] = [f for f in self.functions if f.name == self.named]
             return constraint("json_schema", function.parameters, f"tools[{self.named}].function.parameters")
-        schema = json.dumps(self.calls_schema())
+        if self.style == "hermes":
+            call = lark_json({"anyOf": [_call_schema(f) for f in self.functions]})
+            more = ' ("\\n" call)*' if self.parallel else ""
+            calls = f'calls: call{more}\ncall: "<tool_call>\\n" {call} "\\n</tool_call>"'
+            start = (
+                "start: calls" if self.mode == "required" else "start: calls | text\ntext: /[^<\\s](.|\\n)*/"
+            )
+            return Constraint("grammar", f"{start}\n{calls}", "tools")
         if self.mode == "required":
-            return Constraint("json_schema", schema, "tools")
+            return Constraint("json_schema", json.dumps(self.calls_schema()), "tools")
+        calls = lark_json(self.calls_schema())
         return Constraint(
-            "grammar", f"start: calls | text\ncalls: %json {schema}\ntext: /[^\\[\\s](.|\\n)*/", "tools"
+            "grammar", f"start: calls | text\ncalls: {calls}\ntext: /[^\\[\\s](.|\\n)*/", "tools"
         )
+
+    def messages(self, messages: tuple[dict[str, str], ...]) -> tuple[dict[str, str], ...]:
+        """The conversation as the model sees it: with the tool prompt in its system turn (json style)."""
+        return messages if self.style == "hermes" else with_tool_prompt(messages, self)
+
+    def template_tools(self) -> tuple[dict[str, Any], ...]:
+        """The function definitions for the chat template to render (hermes style), else none."""
+        return tuple(f.definition() for f in self.functions) if self.style == "hermes" else ()
 
     def calls_schema(self) -> dict[str, Any]:
         return {
             "type": "array",
             "minItems": 1,
+            **({} if self.parallel else {"maxItems": 1}),
             "items": {"anyOf": [_call_schema(f) for f in self.functions]},
         }
 
@@ -75,17 +107,17 @@ class ToolChoice:
 
     def calls(self, text: str) -> list[tuple[str, str]] | None:
         """The (name, arguments JSON) calls the output makes; None when it is plain text or cut short."""
-        if self.mode == "named":
-            try:
-                json.loads(text)
-            except ValueError:
-                return None
-            return [(self.named or "", text)]
         try:
-            calls = json.loads(text)
+            if self.mode == "named":
+                json.loads(text)
+                return [(self.named or "", text)]
+            if self.style == "hermes":
+                calls = [json.loads(body) for body in HERMES_CALL.findall(text)]
+            else:
+                calls = json.loads(text)
         except ValueError:
             return None
-        if not isinstance(calls, list):
+        if not isinstance(calls, list) or not calls:
             return None
         return [(call["name"], json.dumps(call["arguments"])) for call in calls]
 
@@ -124,15 +156,17 @@ def parse_functions(tools: Any) -> tuple[Function, ...]:
     return tuple(functions)
 
 
-def parse_tool_choice(functions: tuple[Function, ...], choice: Any) -> ToolChoice | None:
+def parse_tool_choice(
+    functions: tuple[Function, ...], choice: Any, style: ToolStyle = "json", parallel: bool = True
+) -> ToolChoice | None:
     """OpenAI's `tool_choice`: "none" (None here), "auto" (the default), "required" or
     {"type": "function", "function": {"name": ...}}."""
     if choice is None or choice == "auto":
-        return ToolChoice(functions, "auto")
+        return ToolChoice(functions, "auto", style=style, parallel=parallel)
     if choice == "none":
         return None
     if choice == "required":
-        return ToolChoice(functions, "required")
+        return ToolChoice(functions, "required", style=style, parallel=parallel)
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(name, str):
         raise InvalidRequest(
@@ -141,7 +175,7 @@ def parse_tool_choice(functions: tuple[Function, ...], choice: Any) -> ToolChoic
         )
     if name not in {f.name for f in functions}:
         raise InvalidRequest(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
-    return ToolChoice(functions, "named", name)
+    return ToolChoice(functions, "named", name, style, parallel)
 
 
 def with_tool_prompt(messages: tuple[dict[str, str], ...], choice: ToolChoice) -> tuple[dict[str, str], ...]:
@@ -152,7 +186,7 @@ def with_tool_prompt(messages: tuple[dict[str, str], ...], choice: ToolChoice) -
     return ({"role": "system", "content": choice.prompt()}, *messages)
 
 
-def calls_text(tool_calls: Any, where: str) -> str:
+def calls_text(tool_calls: Any, where: str, style: ToolStyle = "json") -> str:
     """An assistant turn's earlier `tool_calls` (OpenAI's shape) written as the model writes calls."""
     if not isinstance(tool_calls, list):
         raise InvalidRequest(f"{where}.tool_calls must be a list", param="messages")
@@ -168,4 +202,6 @@ def calls_text(tool_calls: Any, where: str) -> str:
                 f"{where}.tool_calls: arguments must be JSON text", param="messages"
             ) from exc
         calls.append({"name": function["name"], "arguments": arguments})
+    if style == "hermes":
+        return "\n".join(f"<tool_call>\n{json.dumps(call)}\n</tool_call>" for call in calls)
     return json.dumps(calls)

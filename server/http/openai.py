@@ -34,7 +34,7 @@ from adapterd.server.protocol import (
     sampling_params,
 )
 from adapterd.server.service import Service
-from adapterd.server.tools import ToolChoice, parse_functions, parse_tool_choice, with_tool_prompt
+from adapterd.server.tools import ToolChoice, ToolStyle, parse_functions, parse_tool_choice
 
 FINISH_REASONS = {"length": "length", "eos": "stop", "stop": "stop", "cancelled": "stop", "error": "stop"}
 CHAT_MAX_TOKENS = 256  # when the request names no max_tokens (OpenAI: until the context ends)
@@ -140,13 +140,14 @@ def _prompts(value: Any) -> list[Prompt]:
     return prompts
 
 
-def _tools(body: dict[str, Any]) -> ToolChoice | None:
+def _tools(body: dict[str, Any], style: ToolStyle) -> ToolChoice | None:
     """The tool choice a chat request makes; None without tools or with tool_choice "none"."""
     if body.get("tools") is None:
         if body.get("tool_choice") not in (None, "none"):
             raise InvalidRequest("tool_choice needs tools", param="tool_choice")
         return None
-    return parse_tool_choice(parse_functions(body["tools"]), body.get("tool_choice"))
+    parallel = bool(field(body, "parallel_tool_calls", bool, True))
+    return parse_tool_choice(parse_functions(body["tools"]), body.get("tool_choice"), style, parallel)
 
 
 def tool_calls(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -217,10 +218,11 @@ class OpenAIRoutes:
         body = await json_body(http)
         model = _model(body)
         choices = _chat_choices(body)
-        tools = _tools(body)
-        messages = messages_field(body.get("messages"))
+        tools = _tools(body, self.service.tool_style)
+        messages = messages_field(body.get("messages"), self.service.tool_style)
         request = GenerateRequest(
-            messages=with_tool_prompt(messages, tools) if tools else messages,
+            messages=tools.messages(messages) if tools else messages,
+            tools=tools.template_tools() if tools else (),
             adapter_id=model,
             params=_params(body, CHAT_MAX_TOKENS, choices, tools),
         )

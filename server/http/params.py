@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 
 from adapterd.server.errors import InvalidRequest
-from adapterd.server.tools import calls_text
+from adapterd.server.tools import ToolStyle, calls_text
 
 NUMBER = (int, float)
 
@@ -52,19 +52,23 @@ def stop_list(value: Any, name: str = "stop") -> tuple[str, ...]:
     return tuple(stops)
 
 
-def messages_field(value: Any) -> tuple[dict[str, str], ...]:
-    """OpenAI chat messages; content may be a string or a list of text parts."""
+def messages_field(value: Any, tool_style: ToolStyle = "json") -> tuple[dict[str, str], ...]:
+    """OpenAI chat messages; content may be a string or a list of text parts; an assistant turn's earlier
+    tool_calls become its text, written as the model writes calls (`tool_style`)."""
     if not isinstance(value, list) or not value:
         raise InvalidRequest("messages must be a non-empty list")
-    return tuple(_message(m, i) for i, m in enumerate(value))
+    return tuple(_message(m, i, tool_style) for i, m in enumerate(value))
 
 
-def _message(message: Any, index: int) -> dict[str, str]:
+def _message(message: Any, index: int, tool_style: ToolStyle) -> dict[str, str]:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
         raise InvalidRequest(f"messages[{index}] must be an object with a string role")
     content = message.get("content")
     if message.get("tool_calls") and not content:  # an assistant turn that called tools
-        return {"role": message["role"], "content": calls_text(message["tool_calls"], f"messages[{index}]")}
+        return {
+            "role": message["role"],
+            "content": calls_text(message["tool_calls"], f"messages[{index}]", tool_style),
+        }
     if isinstance(content, list):
         parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):

@@ -26,7 +26,7 @@ from adapterd.clients import Client, GrpcClient, InvalidRequest
 from adapterd.server.config import MAX_GRAMMAR_BYTES, EngineConfig
 from adapterd.server.llm import LLM
 from adapterd.server.protocol import GenerateRequest, SamplingParams, constraint
-from tests.e2e.serving import Server
+from tests.e2e.serving import Server, running_server
 from tests.structured_cases import REGEXES, SCHEMAS
 
 ADAPTERS = (None, "lora", "soft")
@@ -544,3 +544,72 @@ def test_bad_tgi_grammar_is_a_validation_error(compat_server: Server) -> None:
         )
         assert response.status_code == 400 and response.json()["error_type"] == "validation"
         assert says in response.json()["error"]
+
+
+# -- a chat template with its own tool-call format (Hermes, Qwen) ------------------------------------------
+
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+You may call functions. Their signatures: <tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools>
+For each call answer <tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="module")
+def hermes_server(compat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The compat model with a chat template that renders tools and writes calls in <tool_call> tags."""
+    model = tmp_path_factory.mktemp("hermes-model")
+    for path in compat_model.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    (model / "chat_template.jinja").write_text(HERMES_TEMPLATE)
+    root = tmp_path_factory.mktemp("hermes-server")
+    with running_server(model, root / "store", root / "server.log") as server:
+        yield server
+
+
+@pytest.mark.parametrize("tool_choice", ["required", "auto"])
+def test_a_hermes_template_gets_the_tools_and_its_own_call_format(
+    hermes_server: Server, tool_choice: str
+) -> None:
+    sdk = openai.OpenAI(base_url=hermes_server.url + "/v1", api_key="unused", max_retries=0)
+    model = httpx.get(hermes_server.url + "/info").json()["model_id"]
+    turns: list[Any] = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": '{"zone": "CET"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+    ]
+    tokens = httpx.post(hermes_server.url + "/tokenize", json={"model": model, "messages": turns}).json()[
+        "count"
+    ]
+    out = sdk.chat.completions.create(
+        model=model,
+        messages=turns,
+        tools=[WEATHER, TIME],
+        tool_choice=tool_choice,
+        max_tokens=BUDGET,
+        temperature=0,
+    )  # type: ignore[arg-type]
+    assert out.usage.prompt_tokens > tokens + 40  # the template rendered the tools (and the earlier call)
+    message = out.choices[0].message
+    if tool_choice == "required" or message.tool_calls:
+        assert out.choices[0].finish_reason == "tool_calls"
+        schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
+        for call in message.tool_calls or []:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        assert len(message.tool_calls or []) == 1  # parallel_tool_calls: false
+    else:
+        assert message.content and not message.content.startswith("<")
