@@ -55,13 +55,18 @@ class GrammarMatcher:
         return bool(self._matcher.is_stopped() or self._matcher.is_error())
 
 
-def allowed_tokens(matchers: list[GrammarMatcher], vocab_size: int) -> torch.Tensor:
-    """[len(matchers), vocab_size] bool: the tokens each matcher allows next."""
+def allowed_tokens(
+    matchers: list[GrammarMatcher], vocab_size: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """[len(matchers), vocab_size] bool on `device`: the tokens each matcher allows next. The masks are
+    filled on the host (pinned when a GPU waits) and only their bits, 32 tokens to a word, are copied."""
     words = (vocab_size + 31) // 32
-    bitmask = torch.zeros((len(matchers), words), dtype=torch.int32)
+    pin = device is not None and device.type == "cuda"
+    bitmask = torch.zeros((len(matchers), words), dtype=torch.int32, pin_memory=pin)
     for row, matcher in enumerate(matchers):
         matcher.fill(bitmask, row)
-    bits = (bitmask.unsqueeze(-1) & _BITS) != 0
+    bitmask = bitmask.to(device or "cpu", non_blocking=True)
+    bits = (bitmask.unsqueeze(-1) & _BITS.to(bitmask.device)) != 0
     return bits.view(len(matchers), words * 32)[:, :vocab_size]
 
 

@@ -24,8 +24,9 @@ def shape_logits(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) 
         shape_row(shaped[row], seqs[row], eos_ids)
     constrained = [row for row in rows if seqs[row].grammar is not None]
     if constrained:
-        allowed = allowed_tokens([seqs[row].grammar for row in constrained], logits.shape[-1])  # type: ignore[misc]
-        shaped[constrained] = shaped[constrained].masked_fill(~allowed.to(logits.device), NEG_INF)
+        matchers = [seqs[row].grammar for row in constrained]
+        allowed = allowed_tokens(matchers, logits.shape[-1], logits.device)  # type: ignore[arg-type]
+        shaped[constrained] = shaped[constrained].masked_fill(~allowed, NEG_INF)
     dead = [row for row in rows if not torch.isfinite(shaped[row]).any()]
     for row in dead:
         end = sorted(eos_ids)[:1]
