@@ -115,11 +115,11 @@ class ToolChoice:
                 calls = [json.loads(body) for body in HERMES_CALL.findall(text)]
             else:
                 calls = json.loads(text)
-        except ValueError:
+            if not isinstance(calls, list) or not calls:
+                return None
+            return [(str(call["name"]), json.dumps(call["arguments"])) for call in calls]
+        except (ValueError, TypeError, KeyError):  # cut short (length, a stop string) or not calls at all
             return None
-        if not isinstance(calls, list) or not calls:
-            return None
-        return [(call["name"], json.dumps(call["arguments"])) for call in calls]
 
 
 def _call_schema(function: Function) -> dict[str, Any]:
