@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from adapterd.server.errors import InvalidRequest
-from adapterd.server.http.structured import logit_bias, token_id_list
-from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, constraint
+from adapterd.server.http.structured import logit_bias, one_constraint, token_id_list
+from adapterd.server.protocol import Completion, ConstraintKind, GenerateRequest, SamplingParams, constraint
 
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,),
@@ -31,7 +31,7 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "presence_penalty": (int, float),
     "frequency_penalty": (int, float),
 }
-STRUCTURED = ("json_schema", "json_object", "regex", "grammar", "choice")
+STRUCTURED: tuple[ConstraintKind, ...] = ("json_schema", "json_object", "regex", "grammar", "choice")
 EXTRA_FIELDS = ("ignore_eos", "logit_bias", "stop_token_ids")
 KNOWN_FIELDS = {"id", "prompt", "messages", "adapter_id", "stop", *PARAM_TYPES, *STRUCTURED, *EXTRA_FIELDS}
 
@@ -102,10 +102,7 @@ def sampling_params(record: dict[str, Any]) -> SamplingParams:
         params["logit_bias"] = logit_bias(record.get("logit_bias")) or ()
         params["stop_token_ids"] = token_id_list(record.get("stop_token_ids"), "stop_token_ids") or ()
         given = [name for name in STRUCTURED if record.get(name) not in (None, False)]
-        if len(given) > 1:
-            raise ValueError(f"give at most one of {', '.join(STRUCTURED)}, not {' and '.join(given)}")
-        if given:
-            params["constraint"] = constraint(given[0], record[given[0]], given[0])  # type: ignore[arg-type]
+        params["constraint"] = one_constraint([constraint(name, record[name], name) for name in given])
     except InvalidRequest as exc:
         raise ValueError(str(exc)) from exc
     return SamplingParams(**params)

@@ -125,11 +125,6 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
-    def token_ids(self) -> tuple[int, ...]:
-        """Every token id the parameters name (each must lie in the vocabulary)."""
-        return tuple(token_id for token_id, _ in self.logit_bias) + self.stop_token_ids
-
-    @property
     def shapes_logits(self) -> bool:
         """Whether anything but temperature, top-k and top-p changes the logits a token is drawn from."""
         return bool(

@@ -61,7 +61,7 @@ class ToolChoice:
             [function] = [f for f in self.functions if f.name == self.named]
             return constraint("json_schema", function.parameters, f"tools[{self.named}].function.parameters")
         if self.style == "hermes":
-            call = lark_json({"anyOf": [_call_schema(f) for f in self.functions]})
+            call = lark_json(self.call_schema())
             more = ' ("\\n" call)*' if self.parallel else ""
             calls = f'calls: call{more}\ncall: "<tool_call>\\n" {call} "\\n</tool_call>"'
             start = (
@@ -83,12 +83,16 @@ class ToolChoice:
         """The function definitions for the chat template to render (hermes style), else none."""
         return tuple(f.definition() for f in self.functions) if self.style == "hermes" else ()
 
+    def call_schema(self) -> dict[str, Any]:
+        """One call of any of the functions: {"name": its name, "arguments": its parameter schema}."""
+        return {"anyOf": [_call_schema(f) for f in self.functions]}
+
     def calls_schema(self) -> dict[str, Any]:
         return {
             "type": "array",
             "minItems": 1,
             **({} if self.parallel else {"maxItems": 1}),
-            "items": {"anyOf": [_call_schema(f) for f in self.functions]},
+            "items": self.call_schema(),
         }
 
     def prompt(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -76,27 +77,22 @@ class LLMEngine:
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         """Token ids must exist in the vocabulary: a bad id would fail the whole batch's step."""
-        bad = [i for i in prompt_ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise InvalidRequest(
-                f"prompt token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})"
-            )
+        self._check_in_vocabulary(prompt_ids, "prompt token ids")
 
     def check_params(self, params: SamplingParams) -> None:
         """Token ids the parameters name (logit_bias, stop_token_ids) must exist in the vocabulary."""
-        for name, ids in (
-            ("logit_bias", [i for i, _ in params.logit_bias]),
-            ("stop_token_ids", params.stop_token_ids),
-        ):
-            bad = [i for i in ids if not 0 <= i < self.vocab_size]
-            if bad:
-                raise InvalidRequest(
-                    f"{name}: token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})",
-                    param=name,
-                )
+        self._check_in_vocabulary([i for i, _ in params.logit_bias], "logit_bias: token ids", "logit_bias")
+        self._check_in_vocabulary(params.stop_token_ids, "stop_token_ids: token ids", "stop_token_ids")
         if params.constraint is not None and self.tokenizer is None:
             raise InvalidRequest(
                 "structured output needs a model with a tokenizer", param=params.constraint.field
+            )
+
+    def _check_in_vocabulary(self, token_ids: Iterable[int], what: str, param: str | None = None) -> None:
+        bad = [i for i in token_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise InvalidRequest(
+                f"{what} {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})", param=param
             )
 
     def check_fits(

@@ -348,10 +348,8 @@ class _StreamChunks:
             return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
         return {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
 
-    def tool_delta(self, index: int, done: Completion) -> dict:
-        """A choice's whole output in one delta: its tool calls, or its text when it made none."""
-        assert self.tools is not None
-        calls = self.tools.calls(done.text)
+    def tool_delta(self, index: int, done: Completion, calls: list[tuple[str, str]] | None) -> dict:
+        """A choice's whole output in one delta: its tool `calls`, or its text when it made none."""
         if not calls:
             return {"index": index, "delta": {"content": done.text}, "finish_reason": None, "logprobs": None}
         deltas = [{"index": k, **call} for k, call in enumerate(tool_calls(calls))]
@@ -373,21 +371,18 @@ class _StreamChunks:
         prompt_tokens: dict[int, int] = {}
         generated = 0
         async for index, event in events:
-            if isinstance(event, TokenEvent) and self.tools is not None:
-                continue
-            if self.tools is not None:
-                yield self.chunk([self.tool_delta(index, event)])
             if isinstance(event, TokenEvent):
-                if event.text or self.choices.logprobs is not None:
+                if self.tools is None and (event.text or self.choices.logprobs is not None):
                     score = TokenLogprob(event.token_id, event.logprob, event.top)
                     yield self.chunk([self.choice(index, event.text, None, score)])
-            else:
-                prompt_tokens[index] = event.prompt_tokens
-                generated += len(event.token_ids)
-                reason = FINISH_REASONS[event.finish_reason]
-                if self.tools is not None and self.tools.calls(event.text):
-                    reason = "tool_calls"
-                yield self.chunk([self.choice(index, None, reason, None)])
+                continue
+            calls = self.tools.calls(event.text) if self.tools is not None else None
+            if self.tools is not None:
+                yield self.chunk([self.tool_delta(index, event, calls)])
+            prompt_tokens[index] = event.prompt_tokens
+            generated += len(event.token_ids)
+            reason = "tool_calls" if calls else FINISH_REASONS[event.finish_reason]
+            yield self.chunk([self.choice(index, None, reason, None)])
         if self.include_usage:
             # choices of one prompt share its tokens: count each distinct prompt once
             per_prompt = {i // self.choices.n: tokens for i, tokens in prompt_tokens.items()}

@@ -15,10 +15,15 @@ from typing import Any
 
 from adapterd.server.errors import InvalidRequest
 from adapterd.server.http.params import NUMBER, field, is_token_id
-from adapterd.server.protocol import Constraint, constraint
+from adapterd.server.protocol import Constraint, ConstraintKind, constraint
 
-VLLM_KINDS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
-TGI_KINDS = {"json": "json_schema", "json_schema": "json_schema", "regex": "regex", **VLLM_KINDS}
+VLLM_KINDS: dict[str, ConstraintKind] = {
+    "json": "json_schema",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
+TGI_KINDS: dict[str, ConstraintKind] = {"json": "json_schema", "json_schema": "json_schema", **VLLM_KINDS}
 
 
 def response_format(value: Any, name: str = "response_format") -> Constraint | None:
@@ -31,12 +36,14 @@ def response_format(value: Any, name: str = "response_format") -> Constraint | N
         return None
     if kind == "json_object":
         schema = value.get("schema")  # LoRAX's response_format carries its schema here
-        return constraint("json_object", None, name) if schema is None else _schema(schema, f"{name}.schema")
+        if schema is None:
+            return constraint("json_object", None, name)
+        return constraint("json_schema", schema, f"{name}.schema")
     if kind == "json_schema" and "json_schema" in value:
         spec = value["json_schema"]
         if not isinstance(spec, dict) or "schema" not in spec:
             raise InvalidRequest(f'{name}.json_schema must be {{"name": ..., "schema": {{...}}}}', param=name)
-        return _schema(spec["schema"], f"{name}.json_schema.schema")
+        return constraint("json_schema", spec["schema"], f"{name}.json_schema.schema")
     if kind in TGI_KINDS and "value" in value:
         return tgi_grammar(value, name)
     raise InvalidRequest(
@@ -54,7 +61,7 @@ def tgi_grammar(value: Any, name: str = "parameters.grammar") -> Constraint | No
     kind, inner = TGI_KINDS[value["type"]], value["value"]
     if value["type"] == "json_schema" and isinstance(inner, dict) and "schema" in inner:
         inner = inner["schema"]  # TGI's {"type": "json_schema", "value": {"name", "schema"}}
-    return constraint(kind, inner, f"{name}.value")  # type: ignore[arg-type]
+    return constraint(kind, inner, f"{name}.value")
 
 
 def vllm_structured(body: dict[str, Any]) -> list[Constraint]:
@@ -63,9 +70,9 @@ def vllm_structured(body: dict[str, Any]) -> list[Constraint]:
     outputs = field(body, "structured_outputs", dict, {})
     for key, kind in VLLM_KINDS.items():
         if outputs.get(key) is not None:
-            found.append(_of(kind, outputs[key], f"structured_outputs.{key}"))
+            found.append(constraint(kind, outputs[key], f"structured_outputs.{key}"))
         if body.get(f"guided_{key}") is not None:
-            found.append(_of(kind, body[f"guided_{key}"], f"guided_{key}"))
+            found.append(constraint(kind, body[f"guided_{key}"], f"guided_{key}"))
     if outputs.get("json_object"):
         found.append(constraint("json_object", None, "structured_outputs.json_object"))
     return found
@@ -119,11 +126,3 @@ def sampling_extras(body: dict[str, Any], prefix: str = "", min_tokens: str = "m
         "presence_penalty": field(body, "presence_penalty", NUMBER),
         "frequency_penalty": field(body, "frequency_penalty", NUMBER),
     }
-
-
-def _schema(value: Any, name: str) -> Constraint:
-    return constraint("json_schema", value, name)
-
-
-def _of(kind: str, value: Any, name: str) -> Constraint:
-    return constraint(kind, value, name)  # type: ignore[arg-type]

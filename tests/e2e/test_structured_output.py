@@ -322,22 +322,18 @@ def test_openai_sdk_tool_calls(sdk: openai.OpenAI, tool_choice: Any, stream: boo
         assert [name for name, _ in made] == ["get_weather"]
 
 
-def test_openai_sdk_tool_choice_auto_and_a_conversation_with_tool_results(sdk: openai.OpenAI) -> None:
-    turns: list[Any] = [
+def after_a_call(name: str, arguments: str, result: str) -> list[Any]:
+    """A conversation in which the assistant called `name` and the tool answered `result`."""
+    call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": arguments}}
+    return [
         {"role": "user", "content": "Weather in Oslo?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 12 C"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": result},
     ]
+
+
+def test_openai_sdk_tool_choice_auto_and_a_conversation_with_tool_results(sdk: openai.OpenAI) -> None:
+    turns = after_a_call("get_weather", '{"city": "Oslo", "days": 1}', "Sunny, 12 C")
     out = sdk.chat.completions.create(
         model="soft", messages=turns, tools=[WEATHER], max_tokens=24, temperature=0
     )
@@ -577,21 +573,7 @@ def test_a_hermes_template_gets_the_tools_and_its_own_call_format(
 ) -> None:
     sdk = openai.OpenAI(base_url=hermes_server.url + "/v1", api_key="unused", max_retries=0)
     model = httpx.get(hermes_server.url + "/info").json()["model_id"]
-    turns: list[Any] = [
-        {"role": "user", "content": "Weather in Oslo?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "c1",
-                    "type": "function",
-                    "function": {"name": "get_time", "arguments": '{"zone": "CET"}'},
-                }
-            ],
-        },
-        {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
-    ]
+    turns = after_a_call("get_time", '{"zone": "CET"}', "12:00")
     tokens = httpx.post(hermes_server.url + "/tokenize", json={"model": model, "messages": turns}).json()[
         "count"
     ]
