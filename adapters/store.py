@@ -55,9 +55,9 @@ _CHUNK_BYTES = 1 << 20
 @dataclass(frozen=True)
 class AdapterRecord:
     id: str  # "name" or "tenant/name"
-    type: str  # "lora" | "prompt_tuning"
-    rank: int | None  # LoRA only
-    num_virtual_tokens: int | None  # prompt tuning only
+    type: str  # the kind: "lora" | "dora" | "ia3" | "prompt_tuning" | "p_tuning" | "prefix_tuning"
+    rank: int | None  # LoRA and DoRA
+    num_virtual_tokens: int | None  # prompt tuning, P-tuning, prefix tuning
     target_modules: list[str]
     base_model: str
     version: int  # 1, 2, ... per id; starts again at 1 after a delete
@@ -203,12 +203,11 @@ class AdapterStore:
 def _draft_record(
     adapter_id: str, spec: AdapterSpec, base_model: str, sha256: str, size: int, metadata: dict[str, Any]
 ) -> AdapterRecord:
-    is_lora = spec.kind == "lora"
     return AdapterRecord(
         id=adapter_id,
         type=spec.kind,
-        rank=spec.rank if is_lora else None,
-        num_virtual_tokens=None if is_lora else spec.num_virtual_tokens,
+        rank=spec.rank or None,
+        num_virtual_tokens=spec.num_virtual_tokens or None,
         target_modules=list(spec.target_modules),
         base_model=base_model,
         version=0,  # given under the lock

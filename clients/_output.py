@@ -55,8 +55,10 @@ def human_bytes(size: int) -> str:
 
 
 def adapter_shape(adapter: Adapter) -> str:
-    """ "r=8" for a LoRA, "vt=20" (virtual tokens) for a soft prompt."""
-    return f"r={adapter.rank}" if adapter.type == "lora" else f"vt={adapter.num_virtual_tokens}"
+    """ "r=8" for a LoRA or DoRA, "vt=20" (virtual tokens) for a soft prompt or prefix, "-" for IA³."""
+    if adapter.rank:
+        return f"r={adapter.rank}"
+    return f"vt={adapter.num_virtual_tokens}" if adapter.num_virtual_tokens else "-"
 
 
 def adapters_table(adapters: Sequence[Adapter]) -> str:

@@ -135,9 +135,9 @@ class Adapter:
     """An adapter's description, as the server stores it."""
 
     id: str
-    type: str  # "lora" | "prompt_tuning"
-    rank: int | None  # LoRA only
-    num_virtual_tokens: int | None  # prompt tuning only
+    type: str  # "lora" | "dora" | "ia3" | "prompt_tuning" | "p_tuning" | "prefix_tuning"
+    rank: int | None  # LoRA and DoRA
+    num_virtual_tokens: int | None  # prompt tuning, P-tuning, prefix tuning
     target_modules: list[str]
     base_model: str
     version: int

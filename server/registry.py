@@ -23,7 +23,7 @@ from adapterd.adapters.format import (
     read_adapter_tensors,
     validate_adapter_id,
 )
-from adapterd.adapters.io import lora_weights, prompt_embeddings
+from adapterd.adapters.io import host_weights
 from adapterd.adapters.store import AdapterRecord, AdapterStore
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.errors import AdapterNotFound, InvalidAdapter
@@ -35,21 +35,8 @@ def load_adapter(
     """Validate a stored PEFT directory again (the store may have been edited) and keep the tensors that
     validation read in host memory (one read of the file), page-locked with `pin_memory` (a GPU engine)."""
     spec, tensors = _validated(record.path, base, max_rank)
-    if spec.kind == "lora":
-        return LoadedAdapter(
-            record.id,
-            spec,
-            lora=lora_weights(spec, tensors, dtype, pin_memory),
-            version=record.version,
-            digest=record.sha256,
-        )
-    return LoadedAdapter(
-        record.id,
-        spec,
-        prompt=prompt_embeddings(spec, tensors, dtype),
-        version=record.version,
-        digest=record.sha256,
-    )
+    weights = host_weights(spec, tensors, base, dtype, pin_memory)
+    return LoadedAdapter(record.id, spec, weights, version=record.version, digest=record.sha256)
 
 
 def _validated(path: Path, base: BaseModelInfo, max_rank: int) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:

@@ -266,8 +266,8 @@ class Service:
         return {
             "cpu": (adapters.num_loads, adapters.num_evictions),
             "gpu": (
-                slots.lora.num_loads + slots.prompts.num_loads,
-                slots.lora.num_evictions + slots.prompts.num_evictions,
+                slots.num_loads,
+                slots.num_evictions,
             ),
         }
 

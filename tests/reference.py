@@ -13,11 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    TaskType,
+    get_peft_model,
+)
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 DEFAULT_LORA_SCALE = 0.2
+PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
 
 def greedy_generate(
@@ -64,8 +75,13 @@ def peft_greedy(base: Path, adapter: Path | None, prompt: Sequence[int], new_tok
     if adapter is None:
         return greedy_generate(load_base(base), prompt, new_tokens)
     model = load_peft(base, adapter)
-    is_soft = json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
-    return (greedy_forward if is_soft else greedy_generate)(model, prompt, new_tokens)
+    return (greedy_forward if is_prompt_learning(adapter) else greedy_generate)(model, prompt, new_tokens)
+
+
+def is_prompt_learning(adapter: Path) -> bool:
+    """Prompt tuning, P-tuning or prefix tuning: kinds whose reference is PEFT's forward pass."""
+    peft_type = json.loads((adapter / "adapter_config.json").read_text())["peft_type"]
+    return peft_type in PROMPT_LEARNING
 
 
 def load_base(base_dir: Path, dtype: torch.dtype = torch.float32, quantization_config: Any = None) -> Any:
@@ -91,23 +107,78 @@ def make_lora_adapter(
     alpha: float,
     target_modules: str | list[str],
     use_rslora: bool = False,
+    use_dora: bool = False,
     seed: int = 0,
     scale: float = DEFAULT_LORA_SCALE,
 ) -> Path:
     """Save a LoRA adapter with seeded random A and B. Each layer's update changes its output by `scale`
-    (relative Frobenius norm) on calibration tokens, whatever r, alpha and rsLoRA are."""
+    (relative Frobenius norm) on calibration tokens, whatever r, alpha and rsLoRA are. With `use_dora`, a
+    DoRA adapter whose magnitudes are also moved off their initial ||W|| (by ~`scale`, per output)."""
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=r,
         lora_alpha=alpha,
         target_modules=target_modules,
         use_rslora=use_rslora,
+        use_dora=use_dora,
         lora_dropout=0.0,
     )
     peft_model = get_peft_model(load_base(base_dir), config)
     generator = torch.Generator().manual_seed(seed)
     for layer, x in _lora_layer_inputs(peft_model, generator).items():
         _randomise_lora(layer, x, generator, scale)
+        if use_dora:
+            magnitude = layer.lora_magnitude_vector["default"].weight
+            with torch.no_grad():
+                magnitude.mul_(1 + scale * torch.randn(magnitude.shape, generator=generator))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_ia3_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    target_modules: list[str] | None = None,
+    feedforward_modules: list[str] | None = None,
+    seed: int = 0,
+    scale: float = 0.3,
+) -> Path:
+    """Save an IA3 adapter (PEFT's default targets when None) whose vectors are 1 + `scale` * N(0, 1)."""
+    config = IA3Config(
+        task_type=TaskType.CAUSAL_LM, target_modules=target_modules, feedforward_modules=feedforward_modules
+    )
+    peft_model = get_peft_model(load_base(base_dir), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + scale * torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_prefix_adapter(
+    base_dir: Path, out_dir: Path, *, num_virtual_tokens: int, seed: int = 0, std: float = 1.0
+) -> Path:
+    """Save a prefix-tuning adapter with seeded N(0, std) keys and values."""
+    config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens)
+    peft_model = get_peft_model(load_base(base_dir), config)
+    rows = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        rows.copy_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(seed)) * std)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_p_tuning_adapter(base_dir: Path, out_dir: Path, *, num_virtual_tokens: int, seed: int = 0) -> Path:
+    """Save a P-tuning adapter: PEFT's MLP prompt encoder (seeded) over seeded inputs; PEFT saves its output."""
+    torch.manual_seed(seed)
+    config = PromptEncoderConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32
+    )
+    peft_model = get_peft_model(load_base(base_dir), config)
+    _randomise_prompt(peft_model, seed)
     peft_model.save_pretrained(out_dir)
     return out_dir
 

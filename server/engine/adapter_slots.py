@@ -1,5 +1,10 @@
-"""Fixed device slots for adapters: LoRA stacks and the soft-prompt pool, LRU over unpinned slots.
+"""Fixed device slots for adapters, one pool per hook point (adapters/kinds/base.py), LRU over unpinned slots.
 
+- "linear" (LoRA, DoRA, IA³; `max_gpu_adapters` slots): per decoder linear, the LoRA A and B stacks and
+  the per-row input and output scale vectors (`LinearSlotStorage`);
+- "input_embeddings" (prompt tuning, P-tuning; `max_soft_prompts` slots): the soft-prompt pool;
+- "kv_prefix" (prefix tuning; `max_soft_prompts` slots): per-layer key and value prefixes, which the
+  attention writes into a sequence's first KV-cache slots (the prefix cache then shares those blocks).
 An adapter is copied into a slot when a sequence that needs it is admitted, stays while any sequence uses
 it (pinned), and is evicted least-recently-used when a new one needs the room. Slots are keyed by the
 `LoadedAdapter` object itself, so a replaced adapter id never aliases the version running sequences use.
@@ -11,16 +16,26 @@ import itertools
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from adapterd.adapters.format import AdapterSpec
+from adapterd.adapters.kinds import (
+    KINDS,
+    AdapterKind,
+    Hook,
+    HostWeights,
+    LinearWeights,
+    PrefixWeights,
+    PromptWeights,
+)
+from adapterd.adapters.kinds.common import AdapterSpec
+from adapterd.server.model.dense import dense_weight
 from adapterd.server.model.llama import SHARED_INPUT_GROUPS
 from adapterd.server.model.lora import LoraKernels, choose_kernels
 
 if TYPE_CHECKING:
-    from adapterd.adapters.io import LoraWeights
+    from adapterd.adapters.kinds.lora import LoraWeights
     from adapterd.server.config import EngineConfig
     from adapterd.server.model.llama import LlamaModel
 
@@ -33,24 +48,44 @@ class LoadedAdapter:
 
     adapter_id: str
     spec: AdapterSpec
-    lora: LoraWeights | None = None
-    prompt: torch.Tensor | None = None  # [V, hidden]
+    weights: HostWeights = field(default_factory=LinearWeights)
     version: int = field(default_factory=lambda: next(_versions))  # the store's version when it has one
     # What its weights are: the store's sha256 of the files, else unique to this load. Prefix-cache keys
     # start from it (a store version number starts again at 1 after a delete).
     digest: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
-    def is_lora(self) -> bool:
-        return self.lora is not None
+    def kind(self) -> AdapterKind:
+        return KINDS[self.spec.kind]
+
+    @property
+    def hook(self) -> Hook:
+        return self.kind.hook
+
+    @property
+    def lora(self) -> LoraWeights | None:
+        return self.weights.lora if isinstance(self.weights, LinearWeights) else None
+
+    @property
+    def prompt(self) -> torch.Tensor | None:
+        return self.weights.embeddings if isinstance(self.weights, PromptWeights) else None
 
     @property
     def num_virtual_tokens(self) -> int:
-        return 0 if self.prompt is None else self.prompt.shape[0]
+        """Positions in front of the prompt: a soft prompt's rows or a prefix's keys, else 0."""
+        if isinstance(self.weights, PromptWeights):
+            return self.weights.embeddings.shape[0]
+        if isinstance(self.weights, PrefixWeights):
+            return self.weights.num_virtual_tokens
+        return 0
 
     @property
     def rank(self) -> int:
-        return self.spec.rank if self.is_lora else 0
+        return self.weights.rank if isinstance(self.weights, LinearWeights) else 0
+
+    @property
+    def has_scales(self) -> bool:
+        return isinstance(self.weights, LinearWeights) and self.weights.has_scales
 
 
 class SlotPool:
@@ -94,55 +129,181 @@ class SlotPool:
         return next((a for a in self.resident if a not in self.pins), None)
 
 
+class SlotStorage(Protocol):
+    def fill(self, slot: int, adapter: LoadedAdapter) -> None: ...
+
+
 class AdapterSlots:
     """Owns the device copies of adapters; only the engine thread calls it."""
 
     def __init__(self, model: LlamaModel, config: EngineConfig, dtype: torch.dtype, device: torch.device):
         self.model = model
         self.max_rank = config.max_rank
-        self.lora = SlotPool(config.max_gpu_adapters)
-        self.prompts = SlotPool(config.max_soft_prompts)
         kernels = choose_kernels(config.lora_kernel, device, dtype)  # once for the model
-        self.lora_storage = LoraSlotStorage(
+        self.linear = LinearSlotStorage(
             model, config.max_gpu_adapters, config.max_rank, dtype, device, kernels
         )
-        hidden = model.config.hidden_size
-        model.soft_prompts = torch.zeros(
-            config.max_soft_prompts, config.max_virtual_tokens, hidden, dtype=dtype, device=device
-        )
+        self.pools: dict[Hook, SlotPool] = {
+            "linear": SlotPool(config.max_gpu_adapters),
+            "input_embeddings": SlotPool(config.max_soft_prompts),
+            "kv_prefix": SlotPool(config.max_soft_prompts),
+        }
+        self.storage: dict[Hook, SlotStorage] = {
+            "linear": self.linear,
+            "input_embeddings": PromptSlotStorage(
+                model, config.max_soft_prompts, config.max_virtual_tokens, dtype, device
+            ),
+            "kv_prefix": PrefixSlotStorage(
+                model, config.max_soft_prompts, config.max_virtual_tokens, dtype, device
+            ),
+        }
 
-    def pool_of(self, adapter: LoadedAdapter) -> SlotPool:
-        return self.lora if adapter.is_lora else self.prompts
+    @property
+    def num_loads(self) -> int:
+        return sum(pool.num_loads for pool in self.pools.values())
+
+    @property
+    def num_evictions(self) -> int:
+        return sum(pool.num_evictions for pool in self.pools.values())
+
+    @property
+    def ones_slot(self) -> int:
+        """The scale-stack row of rows without scales (all ones)."""
+        return self.linear.ones_slot
 
     def can_place(self, adapter: LoadedAdapter | None) -> bool:
-        return adapter is None or self.pool_of(adapter).can_acquire(adapter)
+        return adapter is None or self.pools[adapter.hook].can_acquire(adapter)
 
     def acquire(self, adapter: LoadedAdapter | None) -> None:
         if adapter is None:
             return
-        slot, needs_fill = self.pool_of(adapter).acquire(adapter)
+        slot, needs_fill = self.pools[adapter.hook].acquire(adapter)
         if needs_fill:
-            self._fill(adapter, slot)
+            self.storage[adapter.hook].fill(slot, adapter)
 
     def release(self, adapter: LoadedAdapter | None) -> None:
         if adapter is not None:
-            self.pool_of(adapter).release(adapter)
+            self.pools[adapter.hook].release(adapter)
 
-    def slot_of(self, adapter: LoadedAdapter | None) -> int:
-        return -1 if adapter is None else self.pool_of(adapter).slot_of(adapter)
+    def slot_of(self, adapter: LoadedAdapter | None, hook: Hook) -> int:
+        """`adapter`'s slot in `hook`'s pool, -1 when it has none there (no adapter, or another hook)."""
+        if adapter is None or adapter.hook != hook:
+            return -1
+        return self.pools[hook].slot_of(adapter)
 
     def resident(self) -> set[tuple[str, int]]:
         """(id, version) of every adapter in a device slot."""
-        return {(a.adapter_id, a.version) for pool in (self.lora, self.prompts) for a in pool.resident}
+        return {(a.adapter_id, a.version) for pool in self.pools.values() for a in pool.resident}
 
-    def _fill(self, adapter: LoadedAdapter, slot: int) -> None:
-        if adapter.prompt is not None:
-            assert self.model.soft_prompts is not None
-            self.model.soft_prompts[slot].zero_()
-            self.model.soft_prompts[slot, : adapter.prompt.shape[0]].copy_(adapter.prompt)
-            return
-        assert adapter.lora is not None
-        self.lora_storage.fill(slot, adapter.lora)
+
+class PromptSlotStorage:
+    """The soft-prompt pool `model.soft_prompts`: [slots, max_virtual_tokens, hidden]."""
+
+    def __init__(
+        self, model: LlamaModel, num_slots: int, max_tokens: int, dtype: torch.dtype, device: torch.device
+    ):
+        hidden = model.config.hidden_size
+        self.pool = model.soft_prompts = torch.zeros(
+            num_slots, max_tokens, hidden, dtype=dtype, device=device
+        )
+
+    def fill(self, slot: int, adapter: LoadedAdapter) -> None:
+        assert isinstance(adapter.weights, PromptWeights)
+        embeddings = adapter.weights.embeddings
+        self.pool[slot].zero_()
+        self.pool[slot, : embeddings.shape[0]].copy_(embeddings)
+
+
+class PrefixSlotStorage:
+    """The prefix pool `model.prefix_kv`: keys and values [layers, slots * max_virtual_tokens, kv_heads,
+    head_dim], slot s's token t at row s * max_virtual_tokens + t (the attention gathers rows by that index)."""
+
+    def __init__(
+        self, model: LlamaModel, num_slots: int, max_tokens: int, dtype: torch.dtype, device: torch.device
+    ):
+        self.model, self.num_slots, self.max_tokens = model, num_slots, max_tokens
+        self.dtype, self.device = dtype, device
+        model.prefix_width = max_tokens
+
+    def _pool(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pool, allocated when the first prefix adapter takes a slot (most servers never host one)."""
+        if self.model.prefix_kv is None:
+            config = self.model.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            shape = (
+                config.num_hidden_layers,
+                self.num_slots * self.max_tokens,
+                config.num_key_value_heads,
+                head_dim,
+            )
+            keys, values = (torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+            self.model.prefix_kv = (keys, values)
+        return self.model.prefix_kv
+
+    def fill(self, slot: int, adapter: LoadedAdapter) -> None:
+        assert isinstance(adapter.weights, PrefixWeights)
+        first = slot * self.max_tokens
+        for pool, prefix in zip(self._pool(), (adapter.weights.keys, adapter.weights.values), strict=True):
+            pool[:, first : first + self.max_tokens].zero_()
+            pool[:, first : first + prefix.shape[1]].copy_(prefix)
+
+
+class LinearSlotStorage:
+    """The "linear" hook point's slots: LoRA stacks (`LoraSlotStorage`) and, per linear, input and output
+    scale stacks [slots + 1, in] and [slots + 1, out], whose last row (`ones_slot`) stays all ones for the
+    rows that scale nothing. A LoRA fills only the LoRA stacks, IA³ only the scales, DoRA both (its output
+    scale computed from the base weight at its first fill, then kept with its host weights)."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        kernels: LoraKernels,
+    ) -> None:
+        self.model = model
+        self.lora = LoraSlotStorage(model, num_slots, max_rank, dtype, device, kernels)
+        self.ones_slot = num_slots
+        self.in_scales: dict[tuple[int, str], torch.Tensor] = {}
+        self.out_scales: dict[tuple[int, str], torch.Tensor] = {}
+        for layer_index, layer in enumerate(model.lora_linears()):
+            for name, linear in layer.items():
+                key = (layer_index, name)
+                self.in_scales[key] = torch.ones(
+                    num_slots + 1, linear.in_features, dtype=dtype, device=device
+                )
+                self.out_scales[key] = torch.ones(
+                    num_slots + 1, linear.out_features, dtype=dtype, device=device
+                )
+                linear.use_scales(key, self.in_scales[key], self.out_scales[key])
+
+    def fill(self, slot: int, adapter: LoadedAdapter) -> None:
+        weights = adapter.weights
+        assert isinstance(weights, LinearWeights)
+        if weights.lora is not None:
+            self.lora.fill(slot, weights.lora)
+        if weights.magnitudes and not weights.out_scales:
+            weights.out_scales = self.dora_scales(weights)  # once per loaded adapter
+        for stacks, vectors in ((self.in_scales, weights.in_scales), (self.out_scales, weights.out_scales)):
+            for key, stack in stacks.items():
+                row = stack[slot]
+                row.copy_(vectors[key]) if key in vectors else row.fill_(1.0)
+
+    def dora_scales(self, weights: LinearWeights) -> dict[tuple[int, str], torch.Tensor]:
+        """DoRA's per-output scale m / ||W + s B A|| of each linear (row norms over the input features), from
+        the base weight as served, in float32."""
+        assert weights.lora is not None
+        linears = self.model.lora_linears()
+        scales = {}
+        for key, magnitude in weights.magnitudes.items():
+            layer, module = key
+            base = dense_weight(linears[layer][module].base)  # [out, in] float32
+            delta = weights.lora.b[key].float() @ weights.lora.a[key].float()  # scaled B @ A
+            norm = torch.linalg.norm(base + delta.to(base.device), dim=1)
+            scales[key] = (magnitude.to(norm.device) / norm).cpu()
+        return scales
 
 
 class LoraSlotStorage:

@@ -17,6 +17,7 @@ run eagerly. `capture=False` runs the same padded static path eagerly (how CPU t
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,12 +45,17 @@ def bucket_keys(keys: int) -> int:
 
 
 def is_decode(batch: ForwardBatch) -> bool:
-    """One new token a row and no soft-prompt rows to embed: the shape graphs replay."""
-    return batch.input_ids.shape[1] == 1 and batch.real_tokens is None and not batch.has_soft_prompts
+    """One new token a row and no soft-prompt or prefix rows to fill in: the shape graphs replay."""
+    return (
+        batch.input_ids.shape[1] == 1
+        and batch.real_tokens is None
+        and not batch.has_soft_prompts
+        and batch.prefix is None
+    )
 
 
 def pad_decode_batch(
-    batch: ForwardBatch, rows: int, keys: int, lora_rank: int, pad_slot: int
+    batch: ForwardBatch, rows: int, keys: int, lora_rank: int, pad_slot: int, ones_slot: int = -1
 ) -> ForwardBatch:
     """`batch` (a decode step, on the host) padded to `rows` x `keys`; see the module docstring."""
     real = batch.read_slots.shape[0]
@@ -61,6 +67,9 @@ def pad_decode_batch(
 
     attn_mask = padded(batch.attn_mask, False, (rows, 1, 1, keys))
     attn_mask[real:, 0, 0, 0] = True  # a pad row attends to key 0, so its softmax stays finite
+    lora = LoraBatch(padded(batch.lora.slots, -1, (rows,)), lora_rank if batch.lora.rank else 0)
+    if batch.lora.scale_slots is not None:  # every linear scales, from the same static slots
+        lora = dataclasses.replace(lora, scale_slots=padded(batch.lora.scale_slots, ones_slot, (rows,)))
     return ForwardBatch(
         input_ids=padded(batch.input_ids, 0, (rows, 1)),
         positions=padded(batch.positions, 0, (rows, 1)),
@@ -69,7 +78,7 @@ def pad_decode_batch(
         read_slots=padded(batch.read_slots, 0, (rows, keys)),
         attn_mask=attn_mask,
         last_index=torch.zeros(rows, dtype=torch.long),
-        lora=LoraBatch(padded(batch.lora.slots, -1, (rows,)), lora_rank if batch.lora.rank else 0),
+        lora=lora,
         prompt_slots=padded(batch.prompt_slots, -1, (rows,)),
         prompt_lengths=padded(batch.prompt_lengths, 0, (rows,)),
         has_soft_prompts=False,
@@ -92,14 +101,16 @@ class DecodeGraphs:
         lora_rank: int,
         pad_slot: int,
         capture: bool,
+        ones_slot: int = -1,
     ) -> None:
         self.forward = forward
         self.device = device
         self.max_rows = min(max_rows, BATCH_BUCKETS[-1])
         self.lora_rank = lora_rank
         self.pad_slot = pad_slot
+        self.ones_slot = ones_slot  # the scale stacks' all-ones row
         self.capture = capture
-        self.graphs: dict[tuple[int, int, bool], _Graph] = {}
+        self.graphs: dict[tuple[int, int, bool, bool], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def accepts(self, batch: ForwardBatch) -> bool:
@@ -110,8 +121,9 @@ class DecodeGraphs:
         real = batch.input_ids.shape[0]
         rows = bucket_rows(real)
         assert rows is not None
-        key = (rows, bucket_keys(batch.read_slots.shape[1]), batch.lora.rank > 0)
-        padded = pad_decode_batch(batch, rows, key[1], self.lora_rank, self.pad_slot)
+        scales = batch.lora.scale_slots is not None
+        key = (rows, bucket_keys(batch.read_slots.shape[1]), batch.lora.rank > 0, scales)
+        padded = pad_decode_batch(batch, rows, key[1], self.lora_rank, self.pad_slot, self.ones_slot)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = _Graph(padded.to(self.device))

@@ -58,6 +58,7 @@ class LLMEngine:
             self.config.max_rank,
             self.pad_slot,
             capture=capture,
+            ones_slot=self.adapters.ones_slot,
         )
 
     def claim_thread(self) -> None:
@@ -110,7 +111,9 @@ class LLMEngine:
                 f"max_new_tokens ({params.max_new_tokens}) is {needed} tokens; the limit is {limit}"
             )
         if adapter and adapter.num_virtual_tokens > self.config.max_virtual_tokens:
-            raise InvalidRequest(f"soft prompt has more than {self.config.max_virtual_tokens} virtual tokens")
+            raise InvalidRequest(
+                f"adapter has more than {self.config.max_virtual_tokens} virtual tokens (max_virtual_tokens)"
+            )
 
     def add_request(
         self,

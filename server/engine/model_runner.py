@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from adapterd.adapters.kinds import LinearWeights
 from adapterd.server.engine.adapter_slots import AdapterSlots
 from adapterd.server.engine.cuda_graphs import DecodeGraphs
 from adapterd.server.engine.logprobs import score_hidden
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.model.batch import ForwardBatch, LoraBatch, RaggedRows
+from adapterd.server.model.batch import ForwardBatch, LoraBatch, PrefixRows, RaggedRows
 from adapterd.server.model.llama import KVCache, LlamaModel
 from adapterd.server.protocol import TokenLogprob
 
@@ -78,13 +81,12 @@ class ModelRunner:
         key_pos = torch.arange(num_keys)[None, :]  # [1, L]
         tables = self._block_tables(seqs)  # [B, max_blocks]
         attn_mask = (key_pos[:, None, :] <= positions[:, :, None]) & (key_pos < context[:, None])[:, None, :]
-        prompt_slots = self._adapter_slots(seqs, lora=False)
+        prompt_slots = [self.adapters.slot_of(s.adapter, "input_embeddings") for s in seqs]
         lora = self._lora_batch(seqs)
         ragged = None
         if RaggedRows.worth_it(lengths):
             contexts = [s + n for s, n in zip(starts, lengths, strict=True)]
-            token_lora = LoraBatch(lora.slots.repeat_interleave(num_new), lora.rank, lora.shared_slot)
-            ragged = RaggedRows(lengths, contexts, positions[is_real][:, None], token_lora)
+            ragged = RaggedRows(lengths, contexts, positions[is_real][:, None], lora.per_token(num_new))
         return ForwardBatch(
             input_ids=self._padded(new_ids, width),
             positions=positions,
@@ -97,8 +99,12 @@ class ModelRunner:
             prompt_slots=torch.tensor(prompt_slots, dtype=long),
             prompt_lengths=torch.tensor([s.num_virtual for s in seqs], dtype=long),
             # Soft-prompt rows are embedded only while their virtual positions are being prefilled.
-            has_soft_prompts=any(s.num_virtual > start for s, start in zip(seqs, starts, strict=True)),
+            has_soft_prompts=any(
+                slot >= 0 and s.num_virtual > start
+                for slot, s, start in zip(prompt_slots, seqs, starts, strict=True)
+            ),
             ragged=ragged,
+            prefix=self._prefix_rows(seqs, starts, lengths),
         )
 
     def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -115,15 +121,50 @@ class ModelRunner:
         return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long)
 
     def _lora_batch(self, seqs: list[Sequence]) -> LoraBatch:
-        slots = self._adapter_slots(seqs, lora=True)
+        """The "linear" hook point's rows: LoRA slots of the rows with LoRA weights (LoRA, DoRA), and scale
+        rows of those with scale vectors (DoRA, IA³) with the linears they scale."""
+        linear = [self.adapters.slot_of(s.adapter, "linear") for s in seqs]
+        slots = [
+            slot if slot >= 0 and s.adapter and s.adapter.rank else -1
+            for slot, s in zip(linear, seqs, strict=True)
+        ]
         rank = max((s.adapter.rank for s in seqs if s.adapter), default=0)
         shared = slots[0] if len(set(slots)) == 1 and slots[0] >= 0 else None
-        return LoraBatch(torch.tensor(slots, dtype=torch.long), rank, shared)
+        batch = LoraBatch(torch.tensor(slots, dtype=torch.long), rank, shared)
+        scaling = {s.adapter for s in seqs if s.adapter and s.adapter.has_scales}
+        if not scaling:
+            return batch
+        ones = self.adapters.ones_slot
+        rows = [slot if s.adapter in scaling else ones for slot, s in zip(linear, seqs, strict=True)]
+        inputs: set[tuple[int, str]] = set()
+        outputs: set[tuple[int, str]] = set()
+        for adapter in scaling:
+            assert isinstance(adapter.weights, LinearWeights)
+            inputs.update(adapter.weights.in_scales)
+            outputs.update(adapter.weights.out_scales)
+            outputs.update(adapter.weights.magnitudes)
+        return dataclasses.replace(
+            batch,
+            scale_slots=torch.tensor(rows, dtype=torch.long),
+            scaled_inputs=frozenset(inputs),
+            scaled_outputs=frozenset(outputs),
+        )
 
-    def _adapter_slots(self, seqs: list[Sequence], lora: bool) -> list[int]:
-        return [
-            self.adapters.slot_of(s.adapter) if s.adapter and s.adapter.is_lora == lora else -1 for s in seqs
-        ]
+    def _prefix_rows(self, seqs: list[Sequence], starts: list[int], lengths: list[int]) -> PrefixRows | None:
+        """The new tokens at virtual positions of prefix-tuning rows, and their rows in the prefix pool."""
+        tokens: list[int] = []
+        sources: list[int] = []
+        first = 0  # index of the row's first new token among the step's real tokens
+        for seq, start, length in zip(seqs, starts, lengths, strict=True):
+            slot = self.adapters.slot_of(seq.adapter, "kv_prefix")
+            if slot >= 0 and start < seq.num_virtual:
+                for position in range(start, min(start + length, seq.num_virtual)):
+                    tokens.append(first + position - start)
+                    sources.append(slot * self.model.prefix_width + position)
+            first += length
+        if not tokens:
+            return None
+        return PrefixRows(torch.tensor(tokens, dtype=torch.long), torch.tensor(sources, dtype=torch.long))
 
 
 def _top(scored: list[TokenLogprob], seq: Sequence) -> list[TokenLogprob]:

@@ -20,6 +20,12 @@ class LoraBatch:
     slots: torch.Tensor  # [B] long; device slot of each row's LoRA adapter, -1 for none
     rank: int  # largest rank among the rows' adapters, 0 when no row has a LoRA
     shared_slot: int | None = None  # the slot of every row, when all rows use the same adapter
+    # Scale vectors (DoRA, IA³): each row's row of the linears' scale stacks (their all-ones row for rows
+    # without); None when no row scales anything. `scaled_inputs` / `scaled_outputs`: the (layer, module)
+    # linears some row scales the input / output of (None: every linear, as a CUDA graph runs them).
+    scale_slots: torch.Tensor | None = None
+    scaled_inputs: frozenset[tuple[int, str]] | None = None
+    scaled_outputs: frozenset[tuple[int, str]] | None = None
     # What the LoRA op derives from `slots` once per forward and reuses in every layer (cleared by the model).
     cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -34,6 +40,36 @@ class LoraBatch:
         made = make()
         self.cache[key] = (x, made)
         return made, True
+
+    def scales(self, key: tuple[int, str], outputs: bool) -> bool:
+        """Whether some row scales the output (else the input) of linear `key`."""
+        if self.scale_slots is None:
+            return False
+        linears = self.scaled_outputs if outputs else self.scaled_inputs
+        return linears is None or key in linears
+
+    def per_token(self, lengths: torch.Tensor) -> LoraBatch:
+        """These rows' slots repeated for each of their `lengths` packed tokens."""
+        scale_slots = None if self.scale_slots is None else self.scale_slots.repeat_interleave(lengths)
+        return dataclasses.replace(
+            self, slots=self.slots.repeat_interleave(lengths), scale_slots=scale_slots, cache={}
+        )
+
+    def to(self, device: torch.device) -> LoraBatch:
+        scale_slots = None if self.scale_slots is None else self.scale_slots.to(device, non_blocking=True)
+        return dataclasses.replace(
+            self, slots=self.slots.to(device, non_blocking=True), scale_slots=scale_slots, cache={}
+        )
+
+
+@dataclass(frozen=True)
+class PrefixRows:
+    """Where prefix-tuning rows write their adapter's keys and values instead of the computed ones: the new
+    tokens at virtual positions (indices among the step's real tokens, in KV-write order) and each one's row
+    in the prefix pool (`slot * max_virtual_tokens + position`)."""
+
+    tokens: torch.Tensor  # [M] long
+    sources: torch.Tensor  # [M] long
 
 
 @dataclass(frozen=True)
@@ -66,6 +102,7 @@ class ForwardBatch:
     prompt_lengths: torch.Tensor  # [B] long; virtual tokens of each row's soft prompt, 0 for none
     has_soft_prompts: bool  # whether any row has a soft prompt (known on the host, so no sync to ask)
     ragged: RaggedRows | None = None  # set when the layers run on packed real tokens
+    prefix: PrefixRows | None = None  # set when a prefix-tuning row prefills its virtual positions
 
     @property
     def token_lora(self) -> LoraBatch:
@@ -75,7 +112,10 @@ class ForwardBatch:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor of the batch by field name, the LoRA slots as "lora.slots"."""
         found = {name: value for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
-        return {**found, "lora.slots": self.lora.slots}
+        found["lora.slots"] = self.lora.slots
+        if self.lora.scale_slots is not None:
+            found["lora.scale_slots"] = self.lora.scale_slots
+        return found
 
     def to(self, device: torch.device) -> ForwardBatch:
         """This batch on `device`: host tensors go through pinned memory, copied without blocking."""
@@ -85,12 +125,19 @@ class ForwardBatch:
             name: _pinned(tensor, device).to(device, non_blocking=True)
             for name, tensor in self.tensors().items()
         }
-        lora = dataclasses.replace(self.lora, slots=moved.pop("lora.slots"), cache={})
+        scale_slots = moved.pop("lora.scale_slots", None)
+        lora = dataclasses.replace(
+            self.lora, slots=moved.pop("lora.slots"), scale_slots=scale_slots, cache={}
+        )
         ragged = self.ragged
         if ragged is not None:
-            token_lora = dataclasses.replace(ragged.lora, slots=ragged.lora.slots.to(device), cache={})
-            ragged = dataclasses.replace(ragged, positions=ragged.positions.to(device), lora=token_lora)
-        return dataclasses.replace(self, lora=lora, ragged=ragged, **moved)
+            ragged = dataclasses.replace(
+                ragged, positions=ragged.positions.to(device), lora=ragged.lora.to(device)
+            )
+        prefix = self.prefix
+        if prefix is not None:
+            prefix = PrefixRows(prefix.tokens.to(device), prefix.sources.to(device))
+        return dataclasses.replace(self, lora=lora, ragged=ragged, prefix=prefix, **moved)
 
     def copy_(self, host: ForwardBatch) -> None:
         """Copy a host batch of the same shapes into this batch's tensors in place (a CUDA graph's static

@@ -1,8 +1,10 @@
 """One Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, TinyLlama) for batched serving.
 
 Differences from the Hugging Face module it mirrors: every linear is a `LoRALinear` that adds each row's
-own adapter; attention reads and writes a paged KV cache addressed by flat slots; embeddings of rows with a
-soft prompt (Lester et al. 2021) take their first virtual-token rows from the soft-prompt pool. Rotary
+own adapter (LoRA, DoRA, IA³: `lora.py`); attention reads and writes a paged KV cache addressed by flat slots,
+and rows with a prefix-tuning adapter write its keys and values at their virtual positions instead of the
+computed ones; embeddings of rows with a soft prompt (Lester et al. 2021) take their first virtual-token rows
+from the soft-prompt pool. Rotary
 embeddings and RMSNorm are the transformers modules themselves, so positions and norms match bit for bit.
 """
 
@@ -19,7 +21,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from adapterd.server.model.batch import ForwardBatch
+from adapterd.server.model.batch import ForwardBatch, PrefixRows
 from adapterd.server.model.lora import LoRALinear
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,6 +59,7 @@ class Attention(nn.Module):
         batch: ForwardBatch,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape  # x: [B, T, hidden], or [N, 1, hidden] packed tokens (batch.ragged)
         lora = batch.token_lora
@@ -64,7 +67,7 @@ class Attention(nn.Module):
         k = self.k_proj(x, lora).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x, lora).view(bsz, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary_pos_emb(q, k, *rope)  # q: [B, H, T, D], k: [B, KVH, T, D]
-        self._write_cache(k.transpose(1, 2), v, batch, k_cache, v_cache)
+        self._write_cache(k.transpose(1, 2), v, batch, k_cache, v_cache, prefix_kv)
         if batch.ragged is not None:
             return self.o_proj(self._ragged_attention(q, batch, k_cache, v_cache), lora)
         keys = self._read_cache(k_cache, batch.read_slots).to(q.dtype)  # [B, KVH, L, D]
@@ -107,14 +110,27 @@ class Attention(nn.Module):
 
     @staticmethod
     def _write_cache(
-        k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
-        """Store the new tokens' K/V ([B, T, KVH, D]) at their cache slots; padding is skipped."""
+        """Store the new tokens' K/V ([B, T, KVH, D]) at their cache slots; padding is skipped; virtual
+        positions of prefix-tuning rows store their adapter's prefix instead."""
         k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # [B*T, KVH, D]
         if batch.real_tokens is not None and batch.ragged is None:  # packed tokens are all real
             k, v = k[batch.real_tokens], v[batch.real_tokens]
+        if batch.prefix is not None and prefix_kv is not None:
+            k, v = _with_prefix(k, prefix_kv[0], batch.prefix), _with_prefix(v, prefix_kv[1], batch.prefix)
         k_cache.index_copy_(0, batch.write_index, k.to(k_cache.dtype))
         v_cache.index_copy_(0, batch.write_index, v.to(v_cache.dtype))
+
+
+def _with_prefix(new: torch.Tensor, pool: torch.Tensor, prefix: PrefixRows) -> torch.Tensor:
+    """`new` [N, KVH, D] with the tokens at `prefix.tokens` replaced by the pool's rows `prefix.sources`."""
+    return new.index_copy(0, prefix.tokens, pool.index_select(0, prefix.sources).to(new.dtype))
 
 
 class MLP(nn.Module):
@@ -145,8 +161,9 @@ class DecoderLayer(nn.Module):
         batch: ForwardBatch,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, k_cache, v_cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, k_cache, v_cache, prefix_kv)
         return x + self.mlp(self.post_attention_layernorm(x), batch)
 
 
@@ -162,6 +179,9 @@ class LlamaModel(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.lm_head: nn.Module = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.soft_prompts: torch.Tensor | None = None  # [P, V_max, hidden] once allocated
+        # Prefix-tuning keys and values [layers, P * V_max, KVH, D] each, once allocated.
+        self.prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prefix_width = 0  # V_max: slot s's position t is pool row s * V_max + t
 
     def lora_linears(self) -> list[dict[str, LoRALinear]]:
         return [
@@ -197,8 +217,13 @@ class LlamaModel(nn.Module):
             return self._ragged_hidden_states(x, batch, kv)
         rope = self.rotary_emb(x, batch.positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, batch, kv.k[i], kv.v[i])
+            x = layer(x, rope, batch, kv.k[i], kv.v[i], self._prefix_of(i, batch))
         return x
+
+    def _prefix_of(self, layer: int, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if batch.prefix is None or self.prefix_kv is None:
+            return None
+        return self.prefix_kv[0][layer], self.prefix_kv[1][layer]
 
     def _ragged_hidden_states(self, x: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """hidden_states with the layers on the real tokens only ([N, 1, hidden]), scattered back to
@@ -208,7 +233,7 @@ class LlamaModel(nn.Module):
         tokens = flat.index_select(0, batch.real_tokens)[:, None]  # [N, 1, hidden]
         rope = self.rotary_emb(tokens, batch.ragged.positions)
         for i, layer in enumerate(self.layers):
-            tokens = layer(tokens, rope, batch, kv.k[i], kv.v[i])
+            tokens = layer(tokens, rope, batch, kv.k[i], kv.v[i], self._prefix_of(i, batch))
         out = torch.zeros_like(flat).index_copy_(0, batch.real_tokens, tokens[:, 0])
         return out.view_as(x)
 

@@ -189,6 +189,10 @@ class LoRALinear(nn.Module):
         self.lora_b: torch.Tensor | None = None  # [S, R, out]
         self.lora_rows: StackRows | None = None
         self.kernels = TORCH_OPS
+        # Per-row scale stacks (DoRA, IA³) [S + 1, in] and [S + 1, out], set by `use_scales`.
+        self.key: tuple[int, str] | None = None
+        self.in_scales: torch.Tensor | None = None
+        self.out_scales: torch.Tensor | None = None
 
     def use_slots(
         self,
@@ -205,10 +209,28 @@ class LoRALinear(nn.Module):
         self.lora_rows = StackRows.of(a, b, a_stack, first)
         self.kernels = kernels if kernels is not None else choose_kernels("auto", a.device, a.dtype)
 
+    def use_scales(self, key: tuple[int, str], in_scales: torch.Tensor, out_scales: torch.Tensor) -> None:
+        """Read per-row scale vectors from the stacks in_scales [S + 1, in] and out_scales [S + 1, out]; `key`
+        is this linear's (layer, module), as a step's `LoraBatch` names the linears it scales."""
+        self.key, self.in_scales, self.out_scales = key, in_scales, out_scales
+
     def forward(self, x: torch.Tensor, lora: LoraBatch | None = None) -> torch.Tensor:
+        """Per row: (base(x * s_in) + (x * s_in) @ A @ B) * s_out, each part only where some row has it."""
+        if lora is None:
+            return self.base(x)
+        key = self.key
+        if self.in_scales is not None and key is not None and lora.scales(key, outputs=False):
+            x = x * _row_scales(self.in_scales, lora).to(x.dtype)
         y = self.base(x)
-        if lora is None or lora.rank == 0 or self.lora_a is None or self.lora_b is None:
-            return y
-        if x.dtype != self.lora_a.dtype:
-            x = x.to(self.lora_a.dtype)
-        return add_lora_(y, x, self.lora_a, self.lora_b, lora, self.lora_rows, self.kernels)
+        if lora.rank > 0 and self.lora_a is not None and self.lora_b is not None:
+            lora_x = x if x.dtype == self.lora_a.dtype else x.to(self.lora_a.dtype)
+            y = add_lora_(y, lora_x, self.lora_a, self.lora_b, lora, self.lora_rows, self.kernels)
+        if self.out_scales is not None and key is not None and lora.scales(key, outputs=True):
+            y = y.mul_(_row_scales(self.out_scales, lora).to(y.dtype))
+        return y
+
+
+def _row_scales(stack: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+    """Each row's scale vector from `stack` [S + 1, features]: [B, 1, features]."""
+    assert lora.scale_slots is not None
+    return stack.index_select(0, lora.scale_slots)[:, None, :]

@@ -21,7 +21,13 @@ from safetensors.torch import load_file, save_file
 from adapterd.server.model.resolve import ResolvedModel
 from tests.e2e.serving import Server, make_tiny_chat_model, running_server, start_server
 from tests.e2e.test_http import FILES, sse_events, tar_of, upload_multipart, upload_tar
-from tests.reference import make_lora_adapter, make_prompt_adapter
+from tests.reference import (
+    make_ia3_adapter,
+    make_lora_adapter,
+    make_p_tuning_adapter,
+    make_prefix_adapter,
+    make_prompt_adapter,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +107,9 @@ def test_malformed_uploads_get_a_4xx_naming_the_problem_and_change_nothing(
 
     a_key = next(k for k in load_file(lora / FILES[1]) if "lora_A" in k)
     cases = {
-        "use_dora": upload_multipart(server, "bad1", variant(lora, tmp_path / "dora", {"use_dora": True})),
+        "no DoRA magnitude vector": upload_multipart(
+            server, "bad1", variant(lora, tmp_path / "dora", {"use_dora": True})
+        ),
         "modules_to_save": upload_multipart(
             server, "bad2", variant(lora, tmp_path / "mts", {"modules_to_save": ["lm_head"]})
         ),
@@ -111,7 +119,8 @@ def test_malformed_uploads_get_a_4xx_naming_the_problem_and_change_nothing(
             "bad4",
             variant(lora, tmp_path / "nan", tensors={a_key: torch.full((8, 64), float("nan"))}),
         ),
-        "IA3": upload_multipart(server, "bad5", variant(lora, tmp_path / "ia3", {"peft_type": "IA3"})),
+        "LOHA": upload_multipart(server, "bad5", variant(lora, tmp_path / "loha", {"peft_type": "LOHA"})),
+        "ia3_l": upload_multipart(server, "bad12", variant(lora, tmp_path / "ia3", {"peft_type": "IA3"})),
         "bin": httpx.put(
             f"{server.url}/v1/adapters/bad6",
             timeout=60,
@@ -387,3 +396,57 @@ def test_prompt_tuning_upload_serves_with_events_in_order(server: Server, model:
         events = sse_events(r)
     assert len(events) == 5 and events[-1]["details"]["generated_tokens"] == 5
     assert all(e["generated_text"] is None for e in events[:-1])
+
+
+def test_every_adapter_kind_uploads_and_serves_and_its_malformed_variants_change_nothing(
+    server: Server, model: Path, tmp_path: Path
+):
+    import torch
+
+    made = {
+        "dora": make_lora_adapter(
+            model, tmp_path / "dora", r=4, alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True
+        ),
+        "ia3": make_ia3_adapter(model, tmp_path / "ia3"),
+        "prefix_tuning": make_prefix_adapter(model, tmp_path / "prefix", num_virtual_tokens=5),
+        "p_tuning": make_p_tuning_adapter(model, tmp_path / "ptune", num_virtual_tokens=4),
+    }
+    weights = {kind: load_file(path / FILES[1]) for kind, path in made.items()}
+    magnitude = next(k for k in weights["dora"] if "magnitude" in k)
+    ia3_key = next(k for k in weights["ia3"] if "k_proj" in k)
+    prompt = weights["prefix_tuning"]["prompt_embeddings"]
+    bad = {  # kind: (variant, what the refusal names)
+        "dora": (variant(made["dora"], tmp_path / "d1", tensors={magnitude: torch.ones(7)}), magnitude),
+        "ia3": (
+            variant(made["ia3"], tmp_path / "i1", tensors={ia3_key: torch.full((64, 1), float("nan"))}),
+            "NaN",
+        ),
+        "prefix_tuning": (
+            variant(
+                made["prefix_tuning"], tmp_path / "p1", tensors={"prompt_embeddings": prompt[:, :-1].clone()}
+            ),
+            "layers x 2 x KV heads",
+        ),
+        "p_tuning": (
+            variant(made["p_tuning"], tmp_path / "t1", {"num_virtual_tokens": 0}),
+            "num_virtual_tokens",
+        ),
+    }
+    before = listing(server)
+    for kind, (path, needle) in bad.items():
+        response = upload_multipart(server, f"bad-{kind.replace('_', '-')}", path)
+        assert 400 <= response.status_code < 500 and needle in response.json()["error"]["message"], (
+            response.text
+        )
+    assert listing(server) == before
+    for kind, path in made.items():
+        adapter_id = f"kind-{kind.replace('_', '-')}"
+        assert upload_multipart(server, adapter_id, path).status_code == 201
+        [description] = [a for a in listing(server) if a["id"] == adapter_id]
+        assert description["type"] == kind
+        reply = httpx.post(
+            f"{server.url}/generate",
+            timeout=60,
+            json={"inputs": "Hi", "parameters": {"adapter_id": adapter_id, "max_new_tokens": 4}},
+        )
+        assert reply.status_code == 200 and reply.json()["generated_text"], reply.text

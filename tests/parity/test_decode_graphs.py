@@ -17,11 +17,20 @@ from adapterd.server.engine.cuda_graphs import BATCH_BUCKETS, KEY_BUCKET, bucket
 from adapterd.server.llm import LLM
 from adapterd.server.protocol import GenerateRequest, SamplingParams
 from tests.parity.test_engine_parity import PROMPTS, reference
-from tests.reference import make_lora_adapter, make_prompt_adapter
+from tests.reference import make_ia3_adapter, make_lora_adapter, make_prefix_adapter, make_prompt_adapter
 
 CONFIG = EngineConfig(max_rank=16, max_gpu_adapters=4, max_soft_prompts=2, kv_cache_tokens=1024)
 # (adapter, prompt, new tokens): rows leave the batch at different steps, so buckets change as it shrinks.
-REQUESTS = [(None, PROMPTS[0], 12), ("r4", PROMPTS[1], 20), ("r16", PROMPTS[2], 16), ("soft", PROMPTS[3], 24)]
+# Every kind: LoRA, DoRA and IA³ rows share the linear slots (DoRA and IA³ through the scale stacks, pad rows
+# on their all-ones row), soft-prompt and prefix rows decode like any other once their prefill is done.
+REQUESTS = [
+    (None, PROMPTS[0], 12),
+    ("r4", PROMPTS[1], 20),
+    ("dora16", PROMPTS[2], 16),
+    ("soft", PROMPTS[3], 24),
+    ("ia3", PROMPTS[1], 14),
+    ("prefix", PROMPTS[0], 18),
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +38,12 @@ def adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("graph-adapters")
     return {
         "r4": make_lora_adapter(tiny_llama, root / "r4", r=4, alpha=8, target_modules="all-linear", seed=1),
-        "r16": make_lora_adapter(
-            tiny_llama, root / "r16", r=16, alpha=32, target_modules="all-linear", seed=2
+        "dora16": make_lora_adapter(
+            tiny_llama, root / "dora16", r=16, alpha=32, target_modules="all-linear", use_dora=True, seed=2
         ),
         "soft": make_prompt_adapter(tiny_llama, root / "soft", num_virtual_tokens=6, seed=3),
+        "ia3": make_ia3_adapter(tiny_llama, root / "ia3", seed=4),
+        "prefix": make_prefix_adapter(tiny_llama, root / "prefix", num_virtual_tokens=5, seed=5),
     }
 
 
@@ -73,9 +84,14 @@ def test_padded_decode_steps_give_pefts_tokens(tiny_llama: Path, adapters: dict[
         llm.close()
     for (adapter, prompt, new_tokens), tokens in zip(REQUESTS, got, strict=True):
         assert tokens == reference(tiny_llama, adapter and adapters[adapter], prompt)[:new_tokens], adapter
-    # Four rows, then three (bucket 4), two, one; with LoRA rows, then the soft prompt's row alone.
-    rows = {rows for rows, _, _ in buckets}
-    assert rows == {4, 2, 1} and {has_lora for _, _, has_lora in buckets} == {True, False}
+    # Six rows (bucket 8), then five, four and three (bucket 4), two, one; with LoRA and scale rows, then
+    # the soft prompt's row alone.
+    assert {rows for rows, _, _, _ in buckets} == {8, 4, 2, 1}
+    assert (
+        {has_lora for _, _, has_lora, _ in buckets}
+        == {has_scales for *_, has_scales in buckets}
+        == {True, False}
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

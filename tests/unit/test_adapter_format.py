@@ -12,7 +12,16 @@ from typing import Any
 
 import pytest
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    PromptTuningConfig,
+    VeraConfig,
+    get_peft_model,
+)
 from peft.config import PeftConfig
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -229,9 +238,9 @@ def test_prompt_tuning_with_sampled_vocab_init_loads(tmp_path: Path, base: BaseM
 
 
 def test_loaders_refuse_the_other_kind(lora_dir: Path, prompt_dir: Path, base: BaseModelInfo) -> None:
-    with pytest.raises(ValueError, match="not prompt_tuning"):
+    with pytest.raises(ValueError, match="not a soft prompt"):
         load_prompt_embeddings(read_adapter(lora_dir, base, MAX_RANK))
-    with pytest.raises(ValueError, match="not lora"):
+    with pytest.raises(ValueError, match="not LoRA"):
         load_lora_weights(read_adapter(prompt_dir, base, MAX_RANK))
 
 
@@ -283,7 +292,6 @@ def test_missing_directory(tmp_path: Path, base: BaseModelInfo) -> None:
 @pytest.mark.parametrize(
     ("changes", "field", "text"),
     [
-        ({"use_dora": True}, "use_dora", "DoRA"),
         ({"bias": "all"}, "bias", "'all'"),
         ({"bias": "lora_only"}, "bias", "'lora_only'"),
         ({"lora_bias": True}, "lora_bias", "bias"),
@@ -312,11 +320,11 @@ def test_missing_directory(tmp_path: Path, base: BaseModelInfo) -> None:
         ({"r": "four"}, "r", "positive integer"),
         ({"lora_alpha": "eight"}, "lora_alpha", "number"),
         ({"task_type": "SEQ_2_SEQ_LM"}, "task_type", "SEQ_2_SEQ_LM"),
-        ({"peft_type": "IA3"}, "peft_type", "IA3"),
-        ({"peft_type": "PREFIX_TUNING"}, "peft_type", "PREFIX_TUNING"),
         ({"peft_type": "LOHA"}, "peft_type", "LOHA"),
         ({"peft_type": "LOKR"}, "peft_type", "LOKR"),
-        ({"peft_type": "P_TUNING"}, "peft_type", "P_TUNING"),
+        ({"peft_type": "OFT"}, "peft_type", "OFT"),
+        ({"peft_type": "BOFT"}, "peft_type", "BOFT"),
+        ({"peft_type": "VERA"}, "peft_type", "VERA"),
         ({"peft_type": "ADALORA"}, "peft_type", "ADALORA"),
         ({"peft_type": None}, "peft_type", "missing"),
     ],
@@ -351,7 +359,7 @@ def set_tensor(key: str, value: torch.Tensor) -> TensorEdit:
 def poison(key: str, value: float) -> TensorEdit:
     def edit(tensors: dict[str, torch.Tensor]) -> None:
         tensors[key] = tensors[key].clone()
-        tensors[key][0, 0] = value
+        tensors[key].view(-1)[0] = value
 
     return edit
 
@@ -417,16 +425,28 @@ def test_safetensors_without_lora_weights(lora_dir: Path, base: BaseModelInfo) -
 @pytest.mark.parametrize(
     ("peft_config", "fields"),
     [
-        pytest.param(lora(target_modules=["q_proj"], use_dora=True), {"use_dora"}, id="dora"),
         pytest.param(lora(target_modules=["q_proj"], bias="lora_only"), {"bias"}, id="bias"),
         pytest.param(
             lora(target_modules=["q_proj"], modules_to_save=["lm_head"]), {"modules_to_save"}, id="mts"
         ),
         pytest.param(lora(target_modules=["q_proj", "embed_tokens"]), {"target_modules"}, id="embed_tokens"),
-        pytest.param(IA3Config(task_type="CAUSAL_LM"), {"peft_type"}, id="ia3"),
-        pytest.param(LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]), {"peft_type"}, id="loha"),
         pytest.param(
-            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), {"peft_type"}, id="prefix"
+            lora(target_modules=["q_proj"], use_dora=True, modules_to_save=["lm_head"]),
+            {"modules_to_save"},
+            id="dora-mts",
+        ),
+        pytest.param(
+            IA3Config(task_type="CAUSAL_LM", modules_to_save=["lm_head"]), {"modules_to_save"}, id="ia3-mts"
+        ),
+        pytest.param(LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]), {"peft_type"}, id="loha"),
+        pytest.param(LoKrConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]), {"peft_type"}, id="lokr"),
+        pytest.param(
+            OFTConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4, oft_block_size=0),
+            {"peft_type"},
+            id="oft",
+        ),
+        pytest.param(
+            VeraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4), {"peft_type"}, id="vera"
         ),
     ],
 )
@@ -477,13 +497,15 @@ def test_refused_prompt_tensors(
 
 
 def test_every_problem_is_reported_at_once(lora_dir: Path, base: BaseModelInfo) -> None:
-    edit_config(lora_dir, use_dora=True, bias="all", r=64, target_modules=["q_proj", "lm_head"])
+    edit_config(
+        lora_dir, use_dora=True, bias="all", r=64, target_modules=["q_proj", "lm_head"]
+    )  # no magnitudes
     edit_tensors(lora_dir, poison(Q_PROJ_B, math.nan))
     (lora_dir / "adapter_model.bin").write_bytes(b"pickle")
     err = refusal(lora_dir, base)
     fields = {p.field for p in err.problems}
     assert {
-        "use_dora",
+        "lora_magnitude_vector",
         "bias",
         "r",
         "target_modules",

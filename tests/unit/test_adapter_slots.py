@@ -82,7 +82,7 @@ def check_slot(llm: LLM, slot: int, adapter: LoadedAdapter | None) -> None:
 
 
 def test_a_slot_holds_exactly_its_adapter_after_refills(llm: LLM) -> None:
-    storage = llm.engine.adapters.lora_storage
+    storage = llm.engine.adapters.linear.lora
     all16, qv4 = loaded(llm, "all16"), loaded(llm, "qv4")
     storage.fill(0, all16.lora)
     storage.fill(1, qv4.lora)
