@@ -80,3 +80,77 @@ def save_prompt(out_dir: Path, hidden_size: int, num_virtual_tokens: int, seed: 
     rows = torch.randn(num_virtual_tokens, hidden_size, generator=generator) * 0.02
     save_file({PROMPT_KEY: rows}, str(out_dir / WEIGHTS_FILE))
     return out_dir
+
+
+def save_config(out_dir: Path, config: Any, state: dict[str, torch.Tensor]) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out_dir))
+    save_file(state, str(out_dir / WEIGHTS_FILE))
+    return out_dir
+
+
+def write_kind(
+    out_dir: Path, kind: str, model_dir: Path, rank: int, num_virtual_tokens: int, seed: int
+) -> Path:
+    """A random adapter of `kind` (adapters/kinds) for the model in `model_dir`, as PEFT saves it: LoRA and
+    DoRA of `rank` on all linears, IA³ on PEFT's default targets (k, v, down), prompt tuning, P-tuning and
+    prefix tuning with `num_virtual_tokens`."""
+    from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    name, hidden = str(model_dir), config.hidden_size
+    generator = torch.Generator().manual_seed(seed)
+    if kind in ("lora", "dora"):
+        state = lora_state(config, rank, seed, torch.float32)
+        peft_config = lora_config(rank, name)
+        if kind == "dora":
+            peft_config.use_dora = True
+            for key, b in list(state.items()):
+                if key.endswith("lora_B.weight"):
+                    magnitude = 1 + 0.1 * torch.rand(b.shape[0], generator=generator)
+                    state[key.removesuffix("lora_B.weight") + "lora_magnitude_vector"] = magnitude
+        return save_config(out_dir, peft_config, state)
+    if kind == "ia3":
+        shapes = decoder_linear_shapes(config)
+        state = {}
+        for layer in range(config.num_hidden_layers):
+            for module, block in (("k_proj", "self_attn"), ("v_proj", "self_attn"), ("down_proj", "mlp")):
+                fan_in, fan_out = shapes[module]
+                shape = (1, fan_in) if module == "down_proj" else (fan_out, 1)
+                key = f"base_model.model.model.layers.{layer}.{block}.{module}.ia3_l"
+                state[key] = 1 + 0.1 * torch.randn(shape, generator=generator)
+        ia3 = IA3Config(
+            task_type="CAUSAL_LM",
+            target_modules=["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            base_model_name_or_path=name,
+        )
+        return save_config(out_dir, ia3, state)
+    if kind == "prompt_tuning":
+        return save_prompt(out_dir, hidden, num_virtual_tokens, seed, name)
+    if kind == "p_tuning":
+        rows = torch.randn(num_virtual_tokens, hidden, generator=generator) * 0.02
+        ptune = PromptEncoderConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=num_virtual_tokens,
+            token_dim=hidden,
+            num_transformer_submodules=1,
+            base_model_name_or_path=name,
+        )
+        return save_config(out_dir, ptune, {PROMPT_KEY: rows})
+    assert kind == "prefix_tuning", kind
+    kv_dim = decoder_linear_shapes(config)["k_proj"][1]
+    width = config.num_hidden_layers * 2 * kv_dim
+    prefix = PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=num_virtual_tokens,
+        token_dim=kv_dim,
+        num_attention_heads=config.num_key_value_heads,
+        num_layers=config.num_hidden_layers,
+        num_transformer_submodules=1,
+        base_model_name_or_path=name,
+    )
+    return save_config(
+        out_dir, prefix, {PROMPT_KEY: torch.randn(num_virtual_tokens, width, generator=generator)}
+    )

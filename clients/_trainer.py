@@ -82,7 +82,7 @@ class TrainerApi:
         tasks: str | Path | None = None,
     ) -> Call[Job]:
         """Queue a training job. `config` has at least adapter_id and method ("lora" | "qlora" |
-        "prompt_tuning"), and optional hyper-parameters (rank, alpha, target_modules, num_virtual_tokens,
+        "dora" | "ia3" | "prompt_tuning" | "p_tuning" | "prefix_tuning"), and optional hyper-parameters (rank, alpha, target_modules, num_virtual_tokens,
         epochs, max_steps, learning_rate, batch_size, max_seq_len, seed), `eval_tasks` (lm-eval tasks
         scored for the base and the adapter) and `register_if` ({"task", "metric", "min_delta"}: register
         only an adapter that beats the base by min_delta). `data` and `eval_data` are JSONL files or

@@ -20,7 +20,7 @@ TRAINER_OPTIONS = connection_options(
 HYPER_PARAMETERS: tuple[tuple[str, type, str], ...] = (
     ("rank", int, "LoRA rank"),
     ("alpha", float, "LoRA alpha"),
-    ("num_virtual_tokens", int, "soft-prompt length (prompt_tuning)"),
+    ("num_virtual_tokens", int, "virtual tokens (prompt_tuning, p_tuning, prefix_tuning)"),
     ("epochs", int, "passes over the data"),
     ("max_steps", int, "optimizer steps (overrides epochs)"),
     ("learning_rate", float, "peak learning rate"),
@@ -51,7 +51,9 @@ def _add_submit(actions: Any) -> None:
     submit.add_argument("--eval-data", type=Path, help="held-out data (JSONL)")
     submit.add_argument("--config", type=Path, help="job config (JSON); the flags below override it")
     submit.add_argument("--adapter-id", help="id of the adapter to train")
-    submit.add_argument("--method", choices=["lora", "qlora", "prompt_tuning"])
+    submit.add_argument(
+        "--method", choices=["lora", "qlora", "dora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
+    )
     submit.add_argument("--target-modules", help="comma-separated module names")
     submit.add_argument(
         "--eval-tasks", help="comma-separated lm-eval tasks to score the base and the adapter on"

@@ -28,7 +28,9 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         if getattr(quant_state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-            data, quant_state = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(quant_state))
+            data, quant_state = _convert_weight_packed_for_cpu_inverse(
+                data.clone(), copy.deepcopy(quant_state)
+            )
         return bnb.functional.dequantize_4bit(data, quant_state).float()
     scales = getattr(weight, "SCB", None)
     if scales is not None and weight.dtype == torch.int8:  # bitsandbytes Int8Params

@@ -10,10 +10,29 @@ from typing import Any
 from adapterd.adapters.format import MODULE_GROUPS, InvalidAdapterId, validate_adapter_id
 from adapterd.server.trainer.errors import InvalidConfig
 
-METHODS = ("lora", "qlora", "prompt_tuning")
+# method -> the kind of adapter it makes (adapters/kinds); qlora is LoRA trained on an NF4 base.
+METHOD_KINDS = {
+    "lora": "lora",
+    "qlora": "lora",
+    "dora": "dora",
+    "ia3": "ia3",
+    "prompt_tuning": "prompt_tuning",
+    "p_tuning": "p_tuning",
+    "prefix_tuning": "prefix_tuning",
+}
+METHODS = tuple(METHOD_KINDS)
+RANKED_METHODS = ("lora", "qlora", "dora")  # the methods `rank` and `alpha` apply to
 ALL_LINEAR = tuple(MODULE_GROUPS)  # q, k, v, o, gate, up, down
-# Peak learning rates that work for small data sets; prompt tuning needs a much larger one.
-DEFAULT_LEARNING_RATE = {"lora": 1e-3, "qlora": 1e-3, "prompt_tuning": 3e-2}
+# Peak learning rates that work for small data sets; the scale-vector and prompt methods need larger ones.
+DEFAULT_LEARNING_RATE = {
+    "lora": 1e-3,
+    "qlora": 1e-3,
+    "dora": 1e-3,
+    "ia3": 1e-2,
+    "prompt_tuning": 3e-2,
+    "p_tuning": 1e-2,
+    "prefix_tuning": 1e-2,
+}
 # Beyond what num_virtual_tokens (at most 1024) can use; keeps the adapter's metadata, which records the config,
 # under the server's 64 KiB limit however the text is escaped.
 MAX_INIT_TEXT_CHARS = 8192
@@ -96,8 +115,9 @@ class JobConfig:
         return self.learning_rate or DEFAULT_LEARNING_RATE[self.method]
 
     @property
-    def is_lora(self) -> bool:
-        return self.method in ("lora", "qlora")
+    def is_ranked(self) -> bool:
+        """LoRA, QLoRA or DoRA: `rank` and `alpha` apply."""
+        return self.method in RANKED_METHODS
 
 
 def _adapter_id(value: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from adapterd.server.auth import Principal
 from adapterd.server.errors import AdapterdError
-from adapterd.server.trainer.config import JobConfig
+from adapterd.server.trainer.config import RANKED_METHODS, JobConfig
 from adapterd.server.trainer.data import read_examples, split_held_out
 from adapterd.server.trainer.errors import InvalidConfig, JobNotFound
 from adapterd.server.trainer.gate import GateError, decide, rejection
@@ -203,7 +203,7 @@ class TrainerService:
         if info.get("model_id") != self.base.name:
             return f"the server serves {info.get('model_id')!r} but this trainer trains {self.base.name!r}"
         max_rank = info.get("max_rank")
-        if job.method != "prompt_tuning" and isinstance(max_rank, int) and job.config["rank"] > max_rank:
+        if job.method in RANKED_METHODS and isinstance(max_rank, int) and job.config["rank"] > max_rank:
             return f"rank {job.config['rank']} exceeds the server's --max-rank {max_rank}"
         return None
 

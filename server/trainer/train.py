@@ -131,9 +131,10 @@ def load_base(model_dir: Path, placement: Placement) -> Any:
 
 
 def peft_config(config: JobConfig, model_dir: Path) -> Any:
-    from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
+    """PEFT's config for the job's method (what the server serves as that kind, adapters/kinds)."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, TaskType
 
-    if config.is_lora:
+    if config.is_ranked:
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=config.rank,
@@ -141,7 +142,27 @@ def peft_config(config: JobConfig, model_dir: Path) -> Any:
             target_modules=list(config.target_modules),
             lora_dropout=LORA_DROPOUT,
             bias="none",
+            use_dora=config.method == "dora",
         )
+    if config.method == "ia3":
+        # IA3 scales the outputs of its targets, and the input of the MLP's down projection (the
+        # intermediate activations), as in Liu et al. 2022.
+        targets = list(config.target_modules)
+        return IA3Config(
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=targets,
+            feedforward_modules=[m for m in targets if m == "down_proj"],
+        )
+    if config.method == "prefix_tuning":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
+    if config.method == "p_tuning":
+        return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_virtual_tokens)
+    return prompt_tuning_config(config, model_dir)
+
+
+def prompt_tuning_config(config: JobConfig, model_dir: Path) -> Any:
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType
+
     text = config.prompt_tuning_init_text
     return PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,

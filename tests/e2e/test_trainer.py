@@ -651,15 +651,15 @@ def test_bad_submissions_are_refused_with_the_reason(tiny_trainer: Trainer) -> N
     response = submit_http(tiny_trainer, {"adapter_id": "x", "method": "lora"}, good, b"[]\n")
     assert response.status_code == 400 and "eval_data: 1 invalid line: line 1" in response.text
 
-    response = submit_http(tiny_trainer, {"adapter_id": "x", "method": "dora"}, good)
+    response = submit_http(tiny_trainer, {"adapter_id": "x", "method": "loha"}, good)
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["param"] == "config.method" and "unknown method 'dora'" in error["message"]
+    assert error["param"] == "config.method" and "unknown method 'loha'" in error["message"]
     response = submit_http(tiny_trainer, {"adapter_id": "x", "method": "lora", "rank": -1}, good)
     assert response.status_code == 400 and response.json()["error"]["param"] == "config.rank"
 
     for config, data, words in [
-        (training_pb2.JobConfig(adapter_id="x", method="dora"), good, "unknown method 'dora'"),
+        (training_pb2.JobConfig(adapter_id="x", method="loha"), good, "unknown method 'loha'"),
         (training_pb2.JobConfig(adapter_id="x", method="lora"), bad, "line 6: not valid JSON"),
         (training_pb2.JobConfig(adapter_id="x", method="lora"), b"", "no training data"),
     ]:

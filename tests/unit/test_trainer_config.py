@@ -25,7 +25,7 @@ def test_defaults_fill_every_hyper_parameter() -> None:
     prompt = config(method="prompt_tuning")
     assert prompt.learning_rate == 3e-2 and prompt.num_virtual_tokens == 20
     assert prompt.prompt_tuning_init_text is None
-    assert config(method="qlora").is_lora and not prompt.is_lora
+    assert config(method="qlora").is_ranked and config(method="dora").is_ranked and not prompt.is_ranked
 
 
 def test_overrides_use_the_spec_names() -> None:
@@ -68,7 +68,11 @@ def test_eval_tasks_and_the_gate() -> None:
 @pytest.mark.parametrize(
     ("values", "field", "message"),
     [
-        ({"method": "dora"}, "method", "unknown method 'dora'; use one of lora, qlora, prompt_tuning"),
+        (
+            {"method": "loha"},
+            "method",
+            "unknown method 'loha'; use one of lora, qlora, dora, ia3, prompt_tuning",
+        ),
         ({"method": None}, "method", "is required"),
         ({"adapter_id": ""}, "adapter_id", "is required"),
         ({"adapter_id": "../etc"}, "adapter_id", "invalid adapter id"),

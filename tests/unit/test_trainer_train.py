@@ -62,6 +62,10 @@ def tokenized(pairs: list[tuple[list[int], list[int]]]) -> list[TokenizedExample
         ("lora", "none", {"learning_rate": 1e-2, "rank": 8}),
         ("qlora", "nf4", {"learning_rate": 1e-2, "rank": 8, "alpha": 8}),
         ("prompt_tuning", "none", {"learning_rate": 1e-1, "num_virtual_tokens": 4}),
+        ("dora", "none", {"learning_rate": 1e-2, "rank": 8}),
+        ("ia3", "none", {"learning_rate": 1e-1}),
+        ("p_tuning", "none", {"learning_rate": 1e-2, "num_virtual_tokens": 4}),
+        ("prefix_tuning", "none", {"learning_rate": 1e-1, "num_virtual_tokens": 4}),
     ],
 )
 def test_a_trained_adapter_serves_what_it_learned(
@@ -73,7 +77,7 @@ def test_a_trained_adapter_serves_what_it_learned(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(train_module, "REPORT_EVERY_S", 0.0)  # report every step: the last loss is its own
-    pairs = examples(constant=method == "prompt_tuning")
+    pairs = examples(constant=method in ("prompt_tuning", "p_tuning", "prefix_tuning", "ia3"))
     job = JobConfig.from_dict(
         {"adapter_id": "a", "method": method, "max_steps": 80, "batch_size": 4, **values}
     )
