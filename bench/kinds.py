@@ -1,7 +1,7 @@
 """python -m bench.kinds: what the adapter kinds cost as users meet them, through `adapterd serve`.
 
 `adapterd serve` (default model), 8 concurrent greedy chat streams (48 new tokens, ignore_eos) in turns, for
---rounds rounds:
+--rounds rounds (the order of the cases turning from round to round):
   lora   8 distinct rank-16 LoRAs on all linears
   mixed  all six kinds in one batch of 8: 2 LoRAs and 2 DoRAs (rank 16), an IA³, a soft prompt, a
          P-tuning prompt and a prefix-tuning prefix (16 virtual tokens each)
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
                 upload(url, adapter_id, path)
             for case in CASES:  # warm-up: every adapter placed, DoRA's norms computed
                 asyncio.run(batch(url, ids[case], constrained=False))
-            for _ in range(args.rounds):
-                for case in CASES:
+            order = list(CASES)
+            for round_index in range(args.rounds):  # the cases' order turns each round: no case always last
+                for case in order[round_index % 3 :] + order[: round_index % 3]:
                     done = asyncio.run(batch(url, ids[case], constrained=False))
                     row = {**summary(done), "decode_tokens_per_s": decode_rate(done)}
                     results["rounds"].setdefault(case, []).append(row)

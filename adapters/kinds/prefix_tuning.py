@@ -8,11 +8,11 @@ them into the sequence's first KV-cache slots, which the prefix cache then share
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import prompt_tuning
 from .base import AdapterKind, PrefixWeights, Tensors
 from .common import (
     PROMPT_KEY,
@@ -48,20 +48,6 @@ def check(
     return problems
 
 
-def _spec(root: Path, config: Mapping[str, Any], tensors: Tensors) -> AdapterSpec:
-    return AdapterSpec(
-        kind="prefix_tuning",
-        path=root,
-        rank=0,
-        alpha=1.0,
-        use_rslora=False,
-        target_modules=(),
-        num_virtual_tokens=config["num_virtual_tokens"],
-        base_model_name_or_path=config.get("base_model_name_or_path"),
-        config=config,
-    )
-
-
 def _host_weights(
     spec: AdapterSpec, tensors: Tensors, base: BaseModelInfo, dtype: torch.dtype, pin_memory: bool
 ) -> PrefixWeights:
@@ -79,6 +65,6 @@ KIND = AdapterKind(
     peft_type="PREFIX_TUNING",
     hook="kv_prefix",
     check=check,
-    spec=_spec,
+    spec=lambda root, config, tensors: prompt_tuning.spec_of("prefix_tuning", root, config),
     host_weights=_host_weights,
 )

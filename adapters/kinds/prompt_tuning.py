@@ -40,6 +40,7 @@ def check(
 
 
 def spec_of(kind: KindName, root: Path, config: Mapping[str, Any]) -> AdapterSpec:
+    """The spec of a validated adapter whose only setting is `num_virtual_tokens` (the prompt kinds)."""
     return AdapterSpec(
         kind=kind,
         path=root,
