@@ -362,7 +362,7 @@ def test_invalid_adapters_are_invalid_request(
     (dora / "adapter_model.safetensors").write_bytes(
         (adapter_dirs["lora"] / "adapter_model.safetensors").read_bytes()
     )
-    with raises(InvalidRequest, "use_dora"):
+    with raises(InvalidRequest, "DoRA magnitude vector"):  # a DoRA config over LoRA-only weights
         call(kind, server, "upload_adapter", "dora", dora)
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         call(kind, server, "upload_adapter", "missing", tmp_path / "nothing-here")

@@ -355,13 +355,13 @@ MALFORMED_UPLOADS = {
         lambda parts, d: [parts[0], adapters_pb2.UploadAdapterRequest(weights_chunk=_pickled_weights(d))],
         ["adapter_model.safetensors", "safetensors"],
     ),
-    "dora": (
+    "dora-without-magnitudes": (
         lambda parts, d: [_with_config(parts[0], config_bytes(d, use_dora=True)), *parts[1:]],
-        ["use_dora", "DoRA"],
+        ["lora_magnitude_vector", "DoRA magnitude vector"],
     ),
-    "prefix-tuning": (
-        lambda parts, d: [_with_config(parts[0], config_bytes(d, peft_type="PREFIX_TUNING")), *parts[1:]],
-        ["peft_type", "PREFIX_TUNING"],
+    "loha": (
+        lambda parts, d: [_with_config(parts[0], config_bytes(d, peft_type="LOHA")), *parts[1:]],
+        ["peft_type", "LOHA"],
     ),
     "not-json": (lambda parts, _: [_with_config(parts[0], b"{oops"), *parts[1:]], ["adapter_config.json"]),
     "bad-id": (lambda parts, _: [_with_id(parts[0], "../etc"), *parts[1:]], ["adapter id"]),
