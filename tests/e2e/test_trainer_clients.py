@@ -91,7 +91,7 @@ def test_trainer_client_errors(trainer: Trainer, tmp_path: Path) -> None:
             with pytest.raises(JobNotFound):
                 call("no-such-job")
         with pytest.raises(InvalidRequest, match="method"):
-            client.submit({"adapter_id": "bad", "method": "dora"}, TRAIN_RECORDS)
+            client.submit({"adapter_id": "bad", "method": "loha"}, TRAIN_RECORDS)
         with pytest.raises(InvalidRequest, match="line 2"):
             client.submit(lora_config("bad"), [TRAIN_RECORDS[0], "not json"])
         with pytest.raises(AdapterNotFound):
