@@ -31,7 +31,7 @@ from adapterd.adapters.kinds import (
 )
 from adapterd.adapters.kinds.common import AdapterSpec
 from adapterd.server.model.dense import dense_weight
-from adapterd.server.model.llama import SHARED_INPUT_GROUPS
+from adapterd.server.model.llama import SHARED_INPUT_GROUPS, head_dim_of
 from adapterd.server.model.lora import LoraKernels, choose_kernels
 
 if TYPE_CHECKING:
@@ -229,12 +229,11 @@ class PrefixSlotStorage:
         """The pool, allocated when the first prefix adapter takes a slot (most servers never host one)."""
         if self.model.prefix_kv is None:
             config = self.model.config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             shape = (
                 config.num_hidden_layers,
                 self.num_slots * self.max_tokens,
                 config.num_key_value_heads,
-                head_dim,
+                head_dim_of(config),
             )
             keys, values = (torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
             self.model.prefix_kv = (keys, values)
