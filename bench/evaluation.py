@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from adapterd.server.config import default_cache_dir
+from adapterd.server.common.config import default_cache_dir
 from adapterd.server.model.resolve import resolve_model
 
 from .adapters import write_loras
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from adapterd.server.evaluation.backends import LocalBackend
     from adapterd.server.evaluation.compare import compare
-    from adapterd.server.llm import LLM
+    from adapterd.server.host.llm import LLM
 
     model_dir = resolve_model("default", default_cache_dir()).path
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:

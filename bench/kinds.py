@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results-kinds.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from adapterd.server.config import default_cache_dir
+    from adapterd.server.common.config import default_cache_dir
     from adapterd.server.model.resolve import resolve_model
 
     from .adapters import write_kind

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterd.server.config import default_cache_dir
+from adapterd.server.common.config import default_cache_dir
 from adapterd.server.model import loader
 from adapterd.server.model.llama import LINEAR_MODULES, LlamaModel
 from adapterd.server.model.loader import Placement

@@ -26,13 +26,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import SamplingParams
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.model import cpu_lora
 from adapterd.server.model.batch import LoraBatch
 from adapterd.server.model.llama import DecoderLayer, LlamaModel
 from adapterd.server.model.lora import LoRALinear, bgmv_embedding_bag, bgmv_reference
-from adapterd.server.protocol import SamplingParams
 
 from .adapters import lora_state, save_lora
 from .models import load_default

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from adapterd.adapters.format import WEIGHTS_FILE
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 
 from .adapters import lora_state, save_lora, save_prompt

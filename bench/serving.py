@@ -14,14 +14,14 @@ from pathlib import Path
 
 from adapterd.adapters.format import BaseModelInfo
 from adapterd.adapters.store import AdapterStore
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import Completion, SamplingParams, TokenEvent
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.loop import EngineLoop
 from adapterd.server.engine.messages import EventSink
-from adapterd.server.llm import eos_token_ids, load_tokenizer
-from adapterd.server.protocol import Completion, SamplingParams, TokenEvent
-from adapterd.server.registry import AdapterRegistry
+from adapterd.server.host.registry import AdapterRegistry
+from adapterd.server.model.tokenizer import eos_token_ids, load_tokenizer
 
 from .models import Models
 from .timing import Run, synchronize

@@ -122,8 +122,8 @@ def measure_engines(tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> dict[
 
 
 def measure_llguidance(tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> dict[str, Any]:
-    from adapterd.server.grammar import Grammars, allowed_tokens
-    from adapterd.server.protocol import constraint
+    from adapterd.server.common.protocol import constraint
+    from adapterd.server.engine.grammar import Grammars, allowed_tokens
 
     grammars = Grammars(tokenizer, vocab_size, eos_ids)
     started = time.perf_counter()
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoConfig, AutoTokenizer
 
-    from adapterd.server.config import default_cache_dir
+    from adapterd.server.common.config import default_cache_dir
     from adapterd.server.model.resolve import resolve_model
 
     from .adapters import write_loras

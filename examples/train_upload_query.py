@@ -67,7 +67,7 @@ def batch(tokenizer: AutoTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def default_base_model() -> Path:
     """The converted directory of `adapterd serve`'s default model (what the server runs)."""
-    from adapterd.server.config import default_cache_dir
+    from adapterd.server.common.config import default_cache_dir
     from adapterd.server.model.resolve import resolve_model
 
     return resolve_model("default", default_cache_dir()).path

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterd.server.config import default_cache_dir
+from adapterd.server.common.config import default_cache_dir
 from adapterd.server.model.resolve import ResolvedModel, resolve_model
 
 

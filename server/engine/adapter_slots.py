@@ -36,7 +36,7 @@ from adapterd.server.model.lora import LoraKernels, choose_kernels
 
 if TYPE_CHECKING:
     from adapterd.adapters.kinds.lora import LoraWeights
-    from adapterd.server.config import EngineConfig
+    from adapterd.server.common.config import EngineConfig
     from adapterd.server.model.llama import LlamaModel
 
 _versions = itertools.count(1)

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from adapterd.server.engine.adapter_slots import AdapterSlots, LoadedAdapter
 from adapterd.server.engine.cuda_graphs import DecodeGraphs
 from adapterd.server.engine.detokenizer import Detokenizer
@@ -18,9 +20,7 @@ from adapterd.server.engine.model_runner import ModelRunner
 from adapterd.server.engine.sampler import sample
 from adapterd.server.engine.scheduler import Scheduler
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.errors import InvalidRequest
 from adapterd.server.model.llama import KVCache, LlamaModel
-from adapterd.server.protocol import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 
 
 class LLMEngine:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from adapterd.server.engine.grammar import allowed_tokens
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.grammar import allowed_tokens
 
 NEG_INF = float("-inf")
 

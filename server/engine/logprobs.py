@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from adapterd.server.protocol import TokenLogprob
+from adapterd.server.common.protocol import TokenLogprob
 
 SCORE_CHUNK_ROWS = 256  # prompt positions put through the LM head at once
 

@@ -11,9 +11,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
+from adapterd.server.common.errors import EngineStopped
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.messages import AddRequest, CancelRequest, Message, RequestOutput
-from adapterd.server.errors import EngineStopped
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from adapterd.server.protocol import Completion, SamplingParams, TokenEvent
+from adapterd.server.common.protocol import Completion, SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
     from adapterd.server.engine.adapter_slots import LoadedAdapter
-    from adapterd.server.grammar import GrammarMatcher
+    from adapterd.server.engine.grammar import GrammarMatcher
 
 Event = TokenEvent | Completion
 EventSink = Callable[[Event], None]

@@ -7,13 +7,13 @@ import dataclasses
 import torch
 
 from adapterd.adapters.kinds import LinearWeights
+from adapterd.server.common.protocol import TokenLogprob
 from adapterd.server.engine.adapter_slots import AdapterSlots
 from adapterd.server.engine.cuda_graphs import DecodeGraphs
 from adapterd.server.engine.logprobs import score_hidden
 from adapterd.server.engine.sequence import Sequence
 from adapterd.server.model.batch import ForwardBatch, LoraBatch, PrefixRows, RaggedRows
 from adapterd.server.model.llama import KVCache, LlamaModel
-from adapterd.server.protocol import TokenLogprob
 
 
 class ModelRunner:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from adapterd.server.common.protocol import SamplingParams
 from adapterd.server.engine.logits_processors import shape_logits
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.protocol import SamplingParams
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: set[int]) -> list[int]:

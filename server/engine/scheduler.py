@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
 from adapterd.server.engine.adapter_slots import AdapterSlots
 from adapterd.server.engine.kv_cache import BlockAllocator
 from adapterd.server.engine.sequence import Sequence, Status

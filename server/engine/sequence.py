@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapterd.server.protocol import Completion, FinishReason, SamplingParams, TokenLogprob
+from adapterd.server.common.protocol import Completion, FinishReason, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:
     from adapterd.server.engine.adapter_slots import LoadedAdapter
     from adapterd.server.engine.detokenizer import Detokenizer
+    from adapterd.server.engine.grammar import GrammarMatcher
     from adapterd.server.engine.messages import Outbox
-    from adapterd.server.grammar import GrammarMatcher
 
 _ids = itertools.count()
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
+from adapterd.server.common.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
 
 SERVER_BATCH = 16  # prompts per /v1/completions request
 SERVER_CONCURRENCY = 8  # requests in flight: enough for the server's continuous batch to fill

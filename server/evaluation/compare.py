@@ -124,7 +124,7 @@ def with_calibration(results: dict[str, Any], samples: dict[str, list[dict[str, 
 
 def open_backend(args: Any) -> tuple[Any, list[str], Any]:
     """(the backend, the adapter ids to score, what to close afterwards) for `adapterd eval --tasks`."""
-    from adapterd.server.config import default_cache_dir
+    from adapterd.server.common.config import default_cache_dir
     from adapterd.server.evaluation.backends import LocalBackend, ServerBackend
     from adapterd.server.model.resolve import resolve_model
 
@@ -135,7 +135,7 @@ def open_backend(args: Any) -> tuple[Any, list[str], Any]:
         tokenizer_dir = args.tokenizer or resolve_model(args.model, default_cache_dir()).path
         backend = ServerBackend(args.server, AutoTokenizer.from_pretrained(tokenizer_dir), args.api_key)
         return backend, entries, None
-    from adapterd.server.llm import LLM
+    from adapterd.server.host.llm import LLM
 
     llm = LLM(model=args.model, quantize=args.quantize, device=args.device)
     ids = []

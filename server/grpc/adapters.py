@@ -9,10 +9,10 @@ from typing import Any
 from google.protobuf import json_format
 
 from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from adapterd.server.auth import ApiKeys, Principal
-from adapterd.server.errors import InvalidRequest, PayloadTooLarge
-from adapterd.server.grpc.common import rpc
-from adapterd.server.service import Service, check_metadata
+from adapterd.server.common.auth import ApiKeys, Principal
+from adapterd.server.common.errors import InvalidRequest, PayloadTooLarge
+from adapterd.server.host.service import Service, check_metadata
+from adapterd.server.wire.rpc import rpc
 from adapterd.v1 import adapters_pb2 as pb
 from adapterd.v1 import adapters_pb2_grpc
 

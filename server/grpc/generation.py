@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from adapterd.server.auth import ApiKeys, Principal
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.grpc.common import rpc
-from adapterd.server.protocol import (
+from adapterd.server.common.auth import ApiKeys, Principal
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import (
     Completion,
     Constraint,
     GenerateRequest,
@@ -17,7 +16,8 @@ from adapterd.server.protocol import (
     constraint,
     sampling_params,
 )
-from adapterd.server.service import Service
+from adapterd.server.host.service import Service
+from adapterd.server.wire.rpc import rpc
 from adapterd.v1 import generation_pb2 as pb
 from adapterd.v1 import generation_pb2_grpc
 

@@ -18,9 +18,9 @@ from starlette.responses import JSONResponse, Response
 
 from adapterd.adapters.archive import UnsafeUpload, extract_tar, write_files
 from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from adapterd.server.errors import InvalidRequest, PayloadTooLarge
-from adapterd.server.http.params import field, json_body
-from adapterd.server.service import MAX_METADATA_BYTES, Service
+from adapterd.server.common.errors import InvalidRequest, PayloadTooLarge
+from adapterd.server.host.service import MAX_METADATA_BYTES, Service
+from adapterd.server.wire.params import field, json_body
 
 CHUNK = 1 << 20
 METADATA_FIELD = "metadata"

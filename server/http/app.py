@@ -9,13 +9,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapterd.server.auth import ApiKeys, Principal
-from adapterd.server.errors import AdapterdError
+from adapterd.server.common.auth import ApiKeys, Principal
+from adapterd.server.common.errors import AdapterdError
+from adapterd.server.host.service import Service
 from adapterd.server.http.adapters import AdapterRoutes
-from adapterd.server.http.generate import GenerateRoutes, tgi_error
-from adapterd.server.http.openai import OpenAIRoutes, openai_error
+from adapterd.server.http.generate import GenerateRoutes
+from adapterd.server.http.openai import OpenAIRoutes
 from adapterd.server.http.tokenize import TokenizeRoutes
-from adapterd.server.service import Service
+from adapterd.server.wire.error_bodies import openai_error, tgi_error
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
 TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path

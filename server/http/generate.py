@@ -15,11 +15,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from adapterd.server.errors import AdapterdError, InvalidRequest
-from adapterd.server.http.params import NUMBER, field, json_body, stop_list
-from adapterd.server.http.sse import first_then_rest, sse_response
-from adapterd.server.http.structured import one_constraint, response_format, sampling_extras, tgi_grammar
-from adapterd.server.protocol import (
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import (
     Completion,
     GenerateRequest,
     TokenEvent,
@@ -27,7 +24,11 @@ from adapterd.server.protocol import (
     best_first,
     sampling_params,
 )
-from adapterd.server.service import Service
+from adapterd.server.host.service import Service
+from adapterd.server.wire.error_bodies import tgi_error
+from adapterd.server.wire.params import NUMBER, field, json_body, stop_list
+from adapterd.server.wire.sse import first_then_rest, sse_response
+from adapterd.server.wire.structured import one_constraint, response_format, sampling_extras, tgi_grammar
 
 FINISH_REASONS = {
     "length": "length",
@@ -43,12 +44,6 @@ UNSUPPORTED = {
     "watermark": (None, False),
     "merged_adapters": (None,),
 }
-
-
-def tgi_error(exc: AdapterdError) -> dict[str, str]:
-    """TGI's error body; invalid input is TGI's `validation` type, so its clients raise ValidationError."""
-    error_type = "validation" if exc.error_type == "invalid_request" else exc.error_type
-    return {"error": str(exc), "error_type": error_type}
 
 
 @dataclass(frozen=True)

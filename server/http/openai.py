@@ -19,12 +19,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from adapterd.server.errors import AdapterdError, InvalidRequest
-from adapterd.server.http.openai_logprobs import LegacyLogprobs, chat_logprobs
-from adapterd.server.http.params import NUMBER, field, is_token_id, json_body, messages_field, stop_list
-from adapterd.server.http.sse import first_then_rest, sse_response
-from adapterd.server.http.structured import one_constraint, response_format, sampling_extras, vllm_structured
-from adapterd.server.protocol import (
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import (
     MAX_LOGPROBS,
     Completion,
     GenerateRequest,
@@ -33,18 +29,18 @@ from adapterd.server.protocol import (
     best_first,
     sampling_params,
 )
-from adapterd.server.service import Service
-from adapterd.server.tools import ToolChoice, ToolStyle, parse_functions, parse_tool_choice
+from adapterd.server.host.service import Service
+from adapterd.server.host.tools import ToolChoice, ToolStyle, parse_functions, parse_tool_choice
+from adapterd.server.http.openai_logprobs import LegacyLogprobs, chat_logprobs
+from adapterd.server.wire.error_bodies import openai_error
+from adapterd.server.wire.params import NUMBER, field, is_token_id, json_body, messages_field, stop_list
+from adapterd.server.wire.sse import first_then_rest, sse_response
+from adapterd.server.wire.structured import one_constraint, response_format, sampling_extras, vllm_structured
 
 FINISH_REASONS = {"length": "length", "eos": "stop", "stop": "stop", "cancelled": "stop", "error": "stop"}
 CHAT_MAX_TOKENS = 256  # when the request names no max_tokens (OpenAI: until the context ends)
 MAX_CHOICES = 128  # prompts x best_of (or n) in one request
 Prompt = str | tuple[int, ...]
-
-
-def openai_error(exc: AdapterdError) -> dict[str, Any]:
-    param = getattr(exc, "param", None)
-    return {"error": {"message": str(exc), "type": exc.error_type, "param": param, "code": exc.http_status}}
 
 
 @dataclass(frozen=True)

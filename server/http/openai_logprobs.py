@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from adapterd.server.protocol import TokenLogprob
+from adapterd.server.common.protocol import TokenLogprob
 
 TokenText = Callable[[int], str]
 

@@ -11,10 +11,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.http.params import field, is_token_id, json_body, messages_field
-from adapterd.server.protocol import GenerateRequest
-from adapterd.server.service import Service
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import GenerateRequest
+from adapterd.server.host.service import Service
+from adapterd.server.wire.params import field, is_token_id, json_body, messages_field
 
 
 class TokenizeRoutes:

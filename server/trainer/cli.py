@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the client-only install has no torch: server modules are imported when run
-    from adapterd.server.auth import ApiKeys
+    from adapterd.server.common.auth import ApiKeys
     from adapterd.server.trainer.jobs import JobStore
     from adapterd.server.trainer.service import Base
 
@@ -50,8 +50,8 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
 
 
 def trainer_command(args: argparse.Namespace) -> int:
-    from adapterd.server.auth import ApiKeys
-    from adapterd.server.config import default_cache_dir
+    from adapterd.server.common.auth import ApiKeys
+    from adapterd.server.common.config import default_cache_dir
     from adapterd.server.model.loader import Placement
     from adapterd.server.model.resolve import resolve_model
     from adapterd.server.trainer.jobs import JobStore
@@ -135,7 +135,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from adapterd.server.errors import AdapterdError
+    from adapterd.server.common.errors import AdapterdError
 
     if args.tasks:
         from adapterd.server.evaluation.compare import tasks_command

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from adapterd.server.llm import encode_chat
+from adapterd.server.model.tokenizer import encode_chat
 from adapterd.server.trainer.errors import InvalidData
 
 IGNORE_INDEX = -100  # labels that carry no loss (torch's cross_entropy default)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from adapterd.server.errors import AdapterdError, InvalidRequest
+from adapterd.server.common.errors import AdapterdError, InvalidRequest
 
 
 class InvalidConfig(InvalidRequest):

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterd.server.config import EngineConfig
-from adapterd.server.errors import AdapterdError
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.errors import AdapterdError
 from adapterd.server.trainer.data import Example, read_examples
 from adapterd.server.trainer.remote import ServerClient
 
@@ -75,7 +75,7 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> Scores:
 def generate_local(llm: Any, examples: Sequence[Example], adapter_id: str | None) -> list[str]:
     """Greedy completions from an in-process `LLM`, all in one continuous batch. An example the engine
     refuses (too long for it) counts as an empty prediction."""
-    from adapterd.server.protocol import GenerateRequest, SamplingParams
+    from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 
     futures: list[Future[str]] = []
     for example in examples:
@@ -109,7 +109,7 @@ def evaluate_local(
 ) -> tuple[Scores, list[str], dict[str, Any] | None]:
     """Load the base as the server would (`quantize` none or nf4), add the adapter if any, score it on the
     examples; then, given `tasks`, call it with the same engine and the adapter's id (see `evaluate_tasks`)."""
-    from adapterd.server.llm import LLM
+    from adapterd.server.host.llm import LLM
 
     with LLM(model=str(model_dir), quantize=quantize, device=device, engine=engine) as llm:
         adapter_id = None

@@ -9,18 +9,16 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from adapterd.server.auth import ApiKeys, Principal
-from adapterd.server.errors import AdapterNotFound, InvalidRequest, PayloadTooLarge
-from adapterd.server.grpc.common import rpc
-from adapterd.server.grpc.server import MAX_MESSAGE_BYTES, GrpcBindError, GrpcServer
+from adapterd.server.common.auth import ApiKeys, Principal
+from adapterd.server.common.errors import AdapterNotFound, InvalidRequest, PayloadTooLarge
 from adapterd.server.trainer.config import JobConfig
 from adapterd.server.trainer.evaluate import evaluate_file
 from adapterd.server.trainer.http_api import MAX_DATA_BYTES
 from adapterd.server.trainer.jobs import Job
 from adapterd.server.trainer.service import TrainerService
+from adapterd.server.wire.grpc_server import GrpcServer, start_server
+from adapterd.server.wire.rpc import rpc
 from adapterd.v1 import adapters_pb2, training_pb2_grpc
 from adapterd.v1 import training_pb2 as pb
 
@@ -207,21 +205,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
 
 async def start_grpc_server(service: TrainerService, keys: ApiKeys, address: str) -> GrpcServer:
     """Serve Training, health and reflection on `address` ("host:port")."""
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 0)]
-    )
-    training_pb2_grpc.add_TrainingServicer_to_server(TrainingServicer(service, keys), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    try:
-        server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise GrpcBindError(
-            f"cannot serve gRPC on {address}: the port is in use or the address is not valid here "
-            "(choose another with --grpc-port / --host)"
-        ) from exc
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    await server.start()
-    return GrpcServer(server, health_servicer)
+
+    def add_servicers(server: grpc.aio.Server) -> None:
+        training_pb2_grpc.add_TrainingServicer_to_server(TrainingServicer(service, keys), server)
+
+    return await start_server(address, add_servicers, (SERVICE_NAME,))

@@ -27,14 +27,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from adapterd.server.auth import ApiKeys, Principal
-from adapterd.server.errors import AdapterdError, AdapterNotFound, InvalidRequest, PayloadTooLarge
-from adapterd.server.http.openai import openai_error
-from adapterd.server.http.sse import first_then_rest, sse_response
+from adapterd.server.common.auth import ApiKeys, Principal
+from adapterd.server.common.errors import AdapterdError, AdapterNotFound, InvalidRequest, PayloadTooLarge
 from adapterd.server.trainer.config import JobConfig
 from adapterd.server.trainer.errors import InvalidConfig
 from adapterd.server.trainer.evaluate import evaluate_file
 from adapterd.server.trainer.service import TrainerService
+from adapterd.server.wire.error_bodies import openai_error
+from adapterd.server.wire.sse import first_then_rest, sse_response
 
 MAX_DATA_BYTES = 1024**3  # per file
 MAX_FIELD_BYTES = 16 * 1024**2  # a non-file form field (the config, or data sent as text)

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from adapterd.server.errors import AdapterdError, AdapterNotFound, InvalidRequest, Overloaded
+from adapterd.server.common.errors import AdapterdError, AdapterNotFound, InvalidRequest, Overloaded
 from adapterd.server.trainer.data import Example
 from adapterd.server.trainer.errors import ServerUnavailable
 

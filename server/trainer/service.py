@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterd.server.auth import Principal
-from adapterd.server.errors import AdapterdError
+from adapterd.server.common.auth import Principal
+from adapterd.server.common.errors import AdapterdError
 from adapterd.server.trainer.config import RANKED_METHODS, JobConfig
 from adapterd.server.trainer.data import read_examples, split_held_out
 from adapterd.server.trainer.errors import InvalidConfig, JobNotFound

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from adapterd.server.errors import InvalidRequest
+from adapterd.server.common.errors import InvalidRequest
 from adapterd.server.trainer.errors import InvalidConfig
 
 SUFFIXES = frozenset({".yaml", ".yml", ".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet"})

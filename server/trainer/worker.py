@@ -53,9 +53,9 @@ class Events:
 
 
 def run(job_dir: Path, model_dir: Path, device: str, events: Events) -> None:
-    from adapterd.server.config import EngineConfig
-    from adapterd.server.llm import load_tokenizer
+    from adapterd.server.common.config import EngineConfig
     from adapterd.server.model.loader import Placement
+    from adapterd.server.model.tokenizer import load_tokenizer
     from adapterd.server.trainer.config import JobConfig
     from adapterd.server.trainer.data import IGNORE_INDEX, read_examples, split_held_out, tokenize
     from adapterd.server.trainer.evaluate import evaluate_local
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_bug(exc: Exception) -> bool:
-    from adapterd.server.errors import AdapterdError
+    from adapterd.server.common.errors import AdapterdError
 
     return not isinstance(exc, AdapterdError | ValueError)
 

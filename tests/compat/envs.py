@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from adapterd.server.config import default_cache_dir
+from adapterd.server.common.config import default_cache_dir
 
 HERE = Path(__file__).parent
 

@@ -42,8 +42,8 @@ from adapterd.clients import (
     Unavailable,
 )
 from adapterd.clients._grpc import grpc_errors
-from adapterd.server.llm import encode_chat
 from adapterd.server.model.resolve import ResolvedModel
+from adapterd.server.model.tokenizer import encode_chat
 from tests.e2e.serving import Server, free_port, make_tiny_chat_model, running_server, serving_adapters
 from tests.reference import (
     greedy_forward,

@@ -23,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import AutoTokenizer
 
-from adapterd.server.llm import encode_chat
 from adapterd.server.model.resolve import ResolvedModel
+from adapterd.server.model.tokenizer import encode_chat
 from adapterd.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from tests.e2e import serving
 from tests.reference import (
@@ -469,8 +469,9 @@ def test_cancelled_stream_stops_the_generation(server: Server):
 
 
 def test_busy_port_is_a_clear_error():
-    from adapterd.server.auth import ApiKeys
-    from adapterd.server.grpc.server import GrpcBindError, start_grpc_server
+    from adapterd.server.common.auth import ApiKeys
+    from adapterd.server.grpc.server import start_grpc_server
+    from adapterd.server.wire.grpc_server import GrpcBindError
 
     async def bind_twice() -> None:
         occupant = grpc.aio.server()  # grpc's defaults, SO_REUSEPORT included

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from adapterd.server.llm import encode_chat
 from adapterd.server.model.resolve import ResolvedModel
+from adapterd.server.model.tokenizer import encode_chat
 from tests.e2e.serving import Server, make_tiny_chat_model, running_server
 from tests.reference import (
     greedy_forward,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from adapterd.server.llm import encode_chat
+from adapterd.server.model.tokenizer import encode_chat
 from adapterd.v1 import generation_pb2 as pb
 from adapterd.v1 import generation_pb2_grpc
 from tests.e2e.conftest import NUM_VIRTUAL

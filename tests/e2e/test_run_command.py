@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from adapterd.server.llm import encode_chat
 from adapterd.server.model.resolve import ResolvedModel
+from adapterd.server.model.tokenizer import encode_chat
 from tests.reference import (
     greedy_forward,
     greedy_generate,

@@ -23,9 +23,9 @@ import torch
 from huggingface_hub import InferenceClient
 
 from adapterd.clients import Client, GrpcClient, InvalidRequest
-from adapterd.server.config import MAX_GRAMMAR_BYTES, EngineConfig
+from adapterd.server.common.config import MAX_GRAMMAR_BYTES, EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams, constraint
 from adapterd.server.llm import LLM
-from adapterd.server.protocol import GenerateRequest, SamplingParams, constraint
 from tests.e2e.serving import Server, running_server
 from tests.structured_cases import REGEXES, SCHEMAS
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 from adapterd.server.llm import LLM
-from adapterd.server.protocol import GenerateRequest, SamplingParams
 from tests.reference import (
     greedy_forward,
     greedy_generate,

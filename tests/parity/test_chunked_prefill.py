@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from adapterd.server.protocol import Completion, SamplingParams, TokenEvent
+from adapterd.server.common.protocol import Completion, SamplingParams, TokenEvent
 from tests.parity.test_prefix_cache import adapters, engine, reference  # noqa: F401 (the adapters fixture)
 
 NEW_TOKENS = 12

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 from adapterd.server.engine.cuda_graphs import BATCH_BUCKETS, KEY_BUCKET, bucket_keys, bucket_rows
 from adapterd.server.llm import LLM
-from adapterd.server.protocol import GenerateRequest, SamplingParams
 from tests.parity.test_engine_parity import PROMPTS, reference
 from tests.reference import make_ia3_adapter, make_lora_adapter, make_prefix_adapter, make_prompt_adapter
 

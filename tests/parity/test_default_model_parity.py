@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from adapterd.server.config import EngineConfig
-from adapterd.server.llm import LLM, encode_chat
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams
+from adapterd.server.llm import LLM
 from adapterd.server.model.resolve import ResolvedModel
-from adapterd.server.protocol import GenerateRequest, SamplingParams
+from adapterd.server.model.tokenizer import encode_chat
 from tests.reference import (
     greedy_forward,
     greedy_generate,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 from adapterd.server.llm import LLM
 from adapterd.server.model.resolve import ModelNotFound, resolve_model
-from adapterd.server.protocol import GenerateRequest, SamplingParams
 from tests.reference import greedy_generate, load_base, load_peft, make_lora_adapter
 
 SMALL = dict(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 from adapterd.server.llm import LLM
-from adapterd.server.protocol import GenerateRequest, SamplingParams
 from tests.reference import make_lora_adapter, make_prompt_adapter, peft_greedy
 
 NEW_TOKENS = 12

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 from adapterd.server.llm import LLM
-from adapterd.server.protocol import GenerateRequest, SamplingParams
 from tests.reference import load_base, next_token_logprobs
 
 PROMPTS = [[5, 17, 33, 4, 90, 12], [7], [9, 8, 7, 6, 5, 4, 3, 2], [40, 41, 42]]

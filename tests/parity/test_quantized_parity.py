@@ -16,12 +16,12 @@ import pytest
 import torch
 from transformers import BitsAndBytesConfig
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import SamplingParams
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.logprobs import token_logprobs
 from adapterd.server.llm import LLM
 from adapterd.server.model.loader import Placement, load_model
-from adapterd.server.protocol import SamplingParams
 from tests.reference import greedy_forward, load_base, load_peft, make_lora_adapter, make_prompt_adapter
 
 PROMPTS = [[5, 6, 7, 8, 9, 11], [9, 8, 7, 6, 5, 4, 3, 2], [100, 50, 25, 12]]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapterd.adapters.format import parse_lora_key
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.llm import LLM
 from tests.reference import make_lora_adapter

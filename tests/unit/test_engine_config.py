@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from adapterd.clients.cli import build_parser
-from adapterd.server.config import PREFILL_CHUNK_TOKENS, EngineConfig, serving_cpu_threads
+from adapterd.server.cli.main import build_parser
+from adapterd.server.common.config import PREFILL_CHUNK_TOKENS, EngineConfig, serving_cpu_threads
 
 
 @pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (16, 15)])

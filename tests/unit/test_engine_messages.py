@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
 from adapterd.server.engine.messages import AddRequest, CancelRequest, RequestOutput
-from adapterd.server.errors import InvalidRequest
 from adapterd.server.llm import LLM
-from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
 
 TIMEOUT_S = 30
 PROMPTS = [(5, 6, 7), (8, 9, 10, 11), (12, 13), (14, 15, 16, 17, 18), (19, 23), (20, 21, 22)]

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import Constraint, SamplingParams, constraint, sampling_params
 from adapterd.server.engine.detokenizer import Detokenizer
 from adapterd.server.engine.logits_processors import shape_logits
 from adapterd.server.engine.messages import SinkOutbox
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.protocol import Constraint, SamplingParams, constraint, sampling_params
 
 VOCAB = 70  # not a multiple of 32: the mask's last word is partial
 EOS = 2

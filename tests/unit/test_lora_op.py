@@ -245,7 +245,7 @@ def test_the_kernel_setting_is_read_when_the_engine_is_configured_not_at_import(
     import subprocess
     import sys
 
-    from adapterd.server.config import EngineConfig
+    from adapterd.server.common.config import EngineConfig
     from adapterd.server.model.lora import TORCH_OPS, choose_kernels
 
     env = {"ADAPTERD_LORA_KERNEL": "bogus", "PATH": "/usr/bin:/bin"}

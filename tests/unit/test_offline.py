@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from adapterd.server.offline import parse_line
-from adapterd.server.protocol import Constraint
+from adapterd.server.cli.offline import parse_line
+from adapterd.server.common.protocol import Constraint
 
 
 def line(**fields: object) -> str:

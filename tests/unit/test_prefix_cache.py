@@ -6,10 +6,10 @@ from __future__ import annotations
 import random
 
 from adapterd.adapters.format import AdapterSpec
+from adapterd.server.common.protocol import SamplingParams
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 from adapterd.server.engine.kv_cache import BlockAllocator
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.protocol import SamplingParams
 
 BLOCK = 4
 

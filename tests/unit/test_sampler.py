@@ -14,14 +14,14 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 from adapterd.server.engine.detokenizer import Detokenizer
 from adapterd.server.engine.logits_processors import apply_repetition_penalty
 from adapterd.server.engine.messages import SinkOutbox
 from adapterd.server.engine.sampler import filter_logits, sample
 from adapterd.server.engine.sequence import Sequence
 from adapterd.server.llm import LLM
-from adapterd.server.protocol import GenerateRequest, SamplingParams
 
 VOCAB = 500
 SEEDS = [0, 1, 2, 3]

@@ -11,17 +11,17 @@ from typing import Any
 import pytest
 
 from adapterd.adapters.format import AdapterSpec
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
 from adapterd.server.engine.adapter_slots import LoadedAdapter, SlotPool
 from adapterd.server.engine.detokenizer import Detokenizer
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.kv_cache import BlockAllocator
 from adapterd.server.engine.messages import SinkOutbox
 from adapterd.server.engine.sequence import Sequence
-from adapterd.server.errors import InvalidRequest
 from adapterd.server.llm import LLM
 from adapterd.server.model.resolve import ResolvedModel
-from adapterd.server.protocol import Completion, GenerateRequest, SamplingParams, TokenEvent
 from tests.conftest import make_tiny_llama
 
 BLOCK = 16

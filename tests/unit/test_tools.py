@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.tools import calls_text, parse_functions, parse_tool_choice, tool_style
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.host.tools import calls_text, parse_functions, parse_tool_choice, tool_style
 
 TOOLS = [
     {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},

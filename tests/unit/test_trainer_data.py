@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from adapterd.server.llm import encode_chat, load_tokenizer
 from adapterd.server.model.resolve import ResolvedModel
+from adapterd.server.model.tokenizer import encode_chat, load_tokenizer
 from adapterd.server.trainer.data import (
     IGNORE_INDEX,
     Example,

@@ -40,8 +40,8 @@ def test_the_held_out_scores() -> None:
 
 
 def test_train_submit_flags_make_the_gate() -> None:
-    from adapterd.clients.cli import build_parser
     from adapterd.clients.cli_train import job_config
+    from adapterd.server.cli.main import build_parser
 
     line = ["train", "submit", "--data", "d.jsonl", "--adapter-id", "a", "--method", "lora"]
     args = build_parser("train").parse_args(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterd.server.auth import OPEN
+from adapterd.server.common.auth import OPEN
 from adapterd.server.trainer.jobs import INTERRUPTED, Job, JobStore, WorkDirInUse, new_job_id, utc_now
 from adapterd.server.trainer.service import Base, TrainerService
 

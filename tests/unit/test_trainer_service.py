@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from adapterd.server.auth import OPEN, Principal
-from adapterd.server.errors import Forbidden, InvalidRequest
+from adapterd.server.common.auth import OPEN, Principal
+from adapterd.server.common.errors import Forbidden, InvalidRequest
 from adapterd.server.trainer.config import JobConfig
 from adapterd.server.trainer.errors import InvalidData, JobNotFound, ServerUnavailable
 from adapterd.server.trainer.jobs import JobStore

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterd.server.config import EngineConfig
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 from adapterd.server.llm import LLM
 from adapterd.server.model.loader import Placement
-from adapterd.server.protocol import GenerateRequest, SamplingParams
 from adapterd.server.trainer import train as train_module
 from adapterd.server.trainer.config import JobConfig
 from adapterd.server.trainer.data import IGNORE_INDEX, TokenizedExample

@@ -7,8 +7,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.tools import ToolStyle, calls_text
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.host.tools import ToolStyle, calls_text
 
 NUMBER = (int, float)
 

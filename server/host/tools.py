@@ -17,9 +17,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.grammar import lark_json
-from adapterd.server.protocol import Constraint, constraint
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import Constraint, constraint
+from adapterd.server.engine.grammar import lark_json
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}}

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from adapterd.server.config import GRAMMAR_CACHE_SIZE, MAX_GRAMMAR_BYTES
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.protocol import Constraint
+from adapterd.server.common.config import GRAMMAR_CACHE_SIZE, MAX_GRAMMAR_BYTES
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import Constraint
 
 # JSON as json.dumps writes it (", " and ": "), no other whitespace: a small model cannot wander off into
 # endless newlines, and the output reads as models usually write JSON.

@@ -16,16 +16,14 @@ from typing import Any, Protocol
 
 import grpc
 
-from adapterd.server.auth import ApiKeys
-from adapterd.server.errors import AdapterdError
-from adapterd.server.service import Service
+from adapterd.server.common.auth import ApiKeys
+from adapterd.server.common.errors import AdapterdError
 
 log = logging.getLogger("adapterd.grpc")
 
 
 class Servicer(Protocol):
-    service: Service
-    keys: ApiKeys
+    keys: ApiKeys  # the keys `@rpc` authenticates callers with
 
 
 def authorization(context: grpc.aio.ServicerContext) -> str | None:

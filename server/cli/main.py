@@ -33,7 +33,7 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model and engine flags of run and serve; their defaults are EngineConfig's (the one place)."""
-    from adapterd.server.config import EngineConfig  # plain dataclasses: no torch
+    from adapterd.server.common.config import EngineConfig  # plain dataclasses: no torch
 
     defaults = EngineConfig()
     parser.add_argument("--model", default="default", help="default | PATH (HF dir or .gguf) | HUB_ID")
@@ -96,7 +96,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     try:
-        from adapterd.server.cli_serve import add_serve_args
+        from adapterd.server.cli.serve import add_serve_args
     except ImportError:  # the client-only install: `serve` explains what is missing when run
         return
     add_serve_args(parser)
@@ -119,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_handler(args)
     if args.command in ("run", "serve"):
         try:
-            from adapterd.server.cli_run import run_command
-            from adapterd.server.cli_serve import serve_command
+            from adapterd.server.cli.run import run_command
+            from adapterd.server.cli.serve import serve_command
         except ImportError as exc:
             print(f"adapterd: {SERVER_EXTRA_HINT} ({exc})", file=sys.stderr)
             return 2

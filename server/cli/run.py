@@ -8,10 +8,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adapterd.server.config import EngineConfig
-from adapterd.server.errors import AdapterdError
-from adapterd.server.llm import LLM
-from adapterd.server.offline import InputError, Job, adapter_dirs, read_jobs, result_line
+from adapterd.server.cli.offline import InputError, Job, adapter_dirs, read_jobs, result_line
+from adapterd.server.common.config import EngineConfig
+from adapterd.server.common.errors import AdapterdError
+from adapterd.server.host.llm import LLM
 
 
 def engine_config(args: argparse.Namespace, cpu_threads: int = 0) -> EngineConfig:

@@ -8,7 +8,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterd.server.errors import AdapterdError, Forbidden, Unauthorized
+from adapterd.server.common.errors import AdapterdError, Forbidden, Unauthorized
 
 ROLES = ("admin", "user")
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import uvicorn
 
-from adapterd.server.auth import ApiKeys
-from adapterd.server.cli_run import engine_config
-from adapterd.server.config import ServerConfig, default_cache_dir, serving_cpu_threads
+from adapterd.server.cli.run import engine_config
+from adapterd.server.common.auth import ApiKeys
+from adapterd.server.common.config import ServerConfig, default_cache_dir, serving_cpu_threads
 from adapterd.server.grpc.server import start_grpc_server
+from adapterd.server.host.llm import LLM
+from adapterd.server.host.service import Service
 from adapterd.server.http.app import build_app
-from adapterd.server.llm import LLM
-from adapterd.server.service import Service
 
 log = logging.getLogger("adapterd")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.http.params import NUMBER, field, is_token_id
-from adapterd.server.protocol import Constraint, ConstraintKind, constraint
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import Constraint, ConstraintKind, constraint
+from adapterd.server.wire.params import NUMBER, field, is_token_id
 
 VLLM_KINDS: dict[str, ConstraintKind] = {
     "json": "json_schema",

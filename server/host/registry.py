@@ -25,8 +25,8 @@ from adapterd.adapters.format import (
 )
 from adapterd.adapters.io import host_weights
 from adapterd.adapters.store import AdapterRecord, AdapterStore
+from adapterd.server.common.errors import AdapterNotFound, InvalidAdapter
 from adapterd.server.engine.adapter_slots import LoadedAdapter
-from adapterd.server.errors import AdapterNotFound, InvalidAdapter
 
 
 def load_adapter(

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from adapterd.server.errors import InvalidRequest
+from adapterd.server.common.errors import InvalidRequest
 
 FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's limit)

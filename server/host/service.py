@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from adapterd.adapters.store import AdapterRecord
-from adapterd.server.auth import Principal
-from adapterd.server.config import ServerConfig
+from adapterd.server.common.auth import Principal
+from adapterd.server.common.config import ServerConfig
+from adapterd.server.common.errors import AdapterNotFound, EngineFailed, Forbidden, InvalidRequest, Overloaded
+from adapterd.server.common.metrics import Metrics
+from adapterd.server.common.protocol import Completion, GenerateRequest, TokenEvent
 from adapterd.server.engine.messages import Event, RequestOutput
-from adapterd.server.errors import AdapterNotFound, EngineFailed, Forbidden, InvalidRequest, Overloaded
-from adapterd.server.llm import LLM, PreparedRequest
-from adapterd.server.metrics import Metrics
-from adapterd.server.protocol import Completion, GenerateRequest, TokenEvent
-from adapterd.server.tools import tool_style
+from adapterd.server.host.llm import LLM, PreparedRequest
+from adapterd.server.host.tools import tool_style
 
 MAX_METADATA_BYTES = 64 * 1024  # an adapter's metadata, as JSON (UTF-8)
 

@@ -16,9 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterd.server.errors import InvalidRequest
-from adapterd.server.http.structured import logit_bias, one_constraint, token_id_list
-from adapterd.server.protocol import Completion, ConstraintKind, GenerateRequest, SamplingParams, constraint
+from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.protocol import (
+    Completion,
+    ConstraintKind,
+    GenerateRequest,
+    SamplingParams,
+    constraint,
+)
+from adapterd.server.wire.structured import logit_bias, one_constraint, token_id_list
 
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,),

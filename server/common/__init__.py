@@ -1,0 +1,1 @@
+"""What every layer shares: configuration, the request and event types, the error table, API keys, metrics."""
