@@ -7,12 +7,22 @@ LoRA comes back per (layer, module) with the adapter's scale folded into B once,
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .kinds import KINDS, HostWeights
-from .kinds.common import PROMPT_KEY, WEIGHTS_FILE, AdapterSpec, BaseModelInfo
+from .kinds.common import (
+    PROMPT_KEY,
+    WEIGHTS_FILE,
+    AdapterSpec,
+    AdapterValidationError,
+    BaseModelInfo,
+    problem,
+)
 from .kinds.lora import LoraWeights, lora_weights
 from .kinds.prompt_tuning import embeddings_of
 
@@ -33,8 +43,29 @@ def host_weights(
     dtype: torch.dtype,
     pin_memory: bool = False,
 ) -> HostWeights:
-    """The weights of a validated adapter (`tensors` as `read_adapter_tensors` answers them) in host memory."""
-    return KINDS[spec.kind].host_weights(spec, tensors, base, dtype, pin_memory)
+    """The weights of a validated adapter (`tensors` as `read_adapter_tensors` answers them) in host memory,
+    in `dtype`; AdapterValidationError when a value is not finite there (a finite B times a huge lora_alpha
+    / r, or values beyond a half-precision range), as such weights would turn every output row into NaN."""
+    weights = KINDS[spec.kind].host_weights(spec, tensors, base, dtype, pin_memory)
+    if not all(bool(torch.isfinite(tensor).all()) for tensor in _tensors_of(weights)):
+        message = (
+            f"not finite once loaded in {dtype} (scaled by lora_alpha / r where the kind has one); "
+            "lower lora_alpha or the weights' magnitude"
+        )
+        raise AdapterValidationError([problem(WEIGHTS_FILE, message)])
+    return weights
+
+
+def _tensors_of(value: object) -> Iterator[torch.Tensor]:
+    """Every tensor in a HostWeights value (dataclasses, dicts and tensors, nested)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_of(item)
+    elif dataclasses.is_dataclass(value):
+        for item in dataclasses.fields(value):
+            yield from _tensors_of(getattr(value, item.name))
 
 
 def load_lora_weights(spec: AdapterSpec, dtype: torch.dtype = torch.float32) -> LoraWeights:

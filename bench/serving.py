@@ -76,7 +76,7 @@ class Server:
         self.registry = AdapterRegistry(
             AdapterStore(store_dir),
             base,
-            config.max_rank,
+            config,
             models.placement.dtype,
             max_cpu_adapters,
             pin_memory=models.placement.device.type == "cuda",

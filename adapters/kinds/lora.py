@@ -3,7 +3,8 @@ rsLoRA). Hook point "linear": A and B go into the LoRA slot stacks with s folded
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,24 @@ def check_with(
             problems.append(
                 problem(f"lora_{lack}", f"{keys[module_key][0]} has no matching lora_{lack} tensor")
             )
+    problems += _check_scaled(settings, rank, b_keys.values())
     return problems, a_keys.keys() & b_keys.keys()
+
+
+def _check_scaled(
+    settings: Mapping[str, Any], rank: int | None, b_tensors: Iterable[tuple[str, torch.Tensor]]
+) -> list[AdapterProblem]:
+    """B times PEFT's scaling (lora_alpha / r, or / sqrt(r) with rsLoRA) finite in float32, as the server
+    folds it in: a finite but huge lora_alpha would make every output of the adapter NaN."""
+    alpha = settings["lora_alpha"]
+    if rank is None or not is_number(alpha) or not isinstance(settings["use_rslora"], bool):
+        return []
+    scaling = alpha / (math.sqrt(rank) if settings["use_rslora"] else rank)
+    for key, tensor in b_tensors:
+        if not math.isfinite(scaling) or not bool(torch.isfinite(tensor.float() * scaling).all()):
+            message = f"lora_alpha={alpha} scales {key} beyond float32's range (lora_alpha / r = {scaling:g})"
+            return [problem("lora_alpha", message)]
+    return []
 
 
 def _check_rank(rank: Any, max_rank: int) -> list[AdapterProblem]:

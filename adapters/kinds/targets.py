@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import regex
 import torch
 
 from .common import AdapterProblem, BaseModelInfo, problem, unrecognised
@@ -20,10 +21,11 @@ MODULE_GROUPS = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
-_MODULE_KEY = re.compile(
-    r"(?:^|\.)layers\.(\d+)\.(?:[\w.]*\.)?(\w+)\.(lora_[AB]\.weight|lora_magnitude_vector|ia3_l)$"
+_MODULE_KEY = regex.compile(
+    r"(?:^|\.)layers\.(\d{1,9})\.(?:[\w.]*\.)?(\w+)\.(lora_[AB]\.weight|lora_magnitude_vector|ia3_l)$"
 )
 _NON_LINEAR_TARGETS = ("model.embed_tokens", "lm_head")
+REGEX_SECONDS = 0.2  # for a target_modules pattern over every module name of the base model
 
 ModuleKey = tuple[int, str]  # (layer, module)
 
@@ -91,7 +93,7 @@ def targets_module(target: Any, layer: int, module: str) -> bool:
     if target == "all-linear":
         return True
     if isinstance(target, str):
-        return re.fullmatch(target, _module_path(layer, module)) is not None
+        return bool(_bounded_matches(target, [_module_path(layer, module)]))
     return any(name.rsplit(".", 1)[-1] == module for name in target)
 
 
@@ -100,17 +102,31 @@ def _module_path(layer: int, module: str) -> str:
 
 
 def _check_target_regex(pattern: str, base: BaseModelInfo, field_name: str) -> list[AdapterProblem]:
+    paths = [_module_path(layer, module) for layer in range(base.num_layers) for module in base.linear_shapes]
     try:
-        regex = re.compile(pattern)
-    except re.error as err:
+        others = _bounded_matches(pattern, list(_NON_LINEAR_TARGETS))
+        matched = _bounded_matches(pattern, paths)
+    except regex.error as err:
         return [problem(field_name, f"invalid regular expression {pattern!r} ({err})")]
+    except TimeoutError:
+        message = f"regex {pattern!r} takes over {REGEX_SECONDS:g} s to match the module names; simplify it"
+        return [problem(field_name, message)]
     problems = []
-    others = [name for name in _NON_LINEAR_TARGETS if regex.fullmatch(name)]
     if others:
         message = f"regex {pattern!r} matches {', '.join(others)} {can_target(base)}"
         problems.append(problem(field_name, message))
-    paths = [_module_path(layer, module) for layer in range(base.num_layers) for module in base.linear_shapes]
-    if not any(regex.fullmatch(path) for path in paths):
+    if not matched:
         message = f"regex {pattern!r} matches no linear module of base model {base.name} {can_target(base)}"
         problems.append(problem(field_name, message))
     return problems
+
+
+def _bounded_matches(pattern: str, names: list[str]) -> list[str]:
+    """The names `pattern` matches whole, as PEFT's `re.fullmatch`, within REGEX_SECONDS for all of them
+    (TimeoutError beyond): a pattern that backtracks exponentially must not stall the server. The `regex`
+    package reads Python's `re` syntax and can stop a match midway; `re` cannot."""
+    deadline = time.monotonic() + REGEX_SECONDS
+    compiled = regex.compile(pattern)
+    return [
+        name for name in names if compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 1e-3))
+    ]

@@ -76,7 +76,8 @@ class ApiKeys:
             return OPEN
         if not authorization:
             raise Unauthorized("missing API key: send 'Authorization: Bearer KEY'")
-        token = authorization.removeprefix("Bearer ").strip()
+        scheme, _, credentials = authorization.strip().partition(" ")
+        token = credentials.strip() if scheme.lower() == "bearer" else authorization.strip()  # RFC 7235
         for key, principal in self._keys.items():
             if hmac.compare_digest(key.encode(), token.encode()):
                 return principal

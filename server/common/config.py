@@ -53,6 +53,13 @@ PREFILL_CHUNK_TOKENS = {"cpu": 64, "cuda": 256}
 MAX_GRAMMAR_BYTES = 64 * 1024
 GRAMMAR_CACHE_SIZE = 256
 
+# JSON request bodies: the most bytes one may have (413 beyond), the deepest nesting and the longest integer
+# (digits) it may hold (400 beyond). Far above what any client sends; they bound the parser's memory, its
+# recursion and the time Python takes to read a long integer.
+MAX_JSON_BODY_BYTES = 16 * 1024**2
+MAX_JSON_DEPTH = 64
+MAX_JSON_INTEGER_DIGITS = 64
+
 
 @dataclass(frozen=True)
 class EngineConfig:

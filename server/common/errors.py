@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+# The most characters of a message an error answer carries: a message quoting a client's megabyte-long id
+# would otherwise travel back whole (and overflow a gRPC client's metadata limit).
+MAX_ERROR_MESSAGE_CHARS = 2000
+
+
+def bounded(message: str) -> str:
+    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    cut = len(message) - MAX_ERROR_MESSAGE_CHARS
+    return f"{message[:MAX_ERROR_MESSAGE_CHARS]}... ({cut} more characters)"
+
 
 class AdapterdError(Exception):
     """Base of every error a client may cause; never a 500. `param` names the request field at fault."""

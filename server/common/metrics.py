@@ -51,12 +51,22 @@ class PrefixCacheCollector(Collector):
         )
 
 
+def adapter_label(adapter_id: str) -> str:
+    """The `adapter` label of a request's series: a public adapter by its id, a tenant's adapters as one
+    `tenant/*` series, as `/metrics` is open to any scraper and a tenant's adapter names are its own."""
+    tenant, slash, _ = adapter_id.rpartition("/")
+    return f"{tenant}/*" if slash else adapter_id
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "adapterd_requests", "Generation requests by adapter", ["adapter"], registry=r
+            "adapterd_requests",
+            "Generation requests by adapter (tenant adapters: per tenant)",
+            ["adapter"],
+            registry=r,
         )
         self.generated_tokens = Counter("adapterd_generated_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("adapterd_queue_depth", "Requests waiting for admission", registry=r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -13,6 +14,8 @@ FinishReason = Literal["length", "stop", "eos", "cancelled", "error"]
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token (vLLM's limit)
 MAX_LOGIT_BIAS = 100.0  # |bias| a token may get (OpenAI's range)
 MAX_PENALTY = 2.0  # |presence_penalty| and |frequency_penalty| (OpenAI's range)
+# torch.Generator.manual_seed's range: any signed or unsigned 64-bit integer.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 ConstraintKind = Literal["json_schema", "json_object", "regex", "grammar", "choice"]
 
 
@@ -94,7 +97,15 @@ class SamplingParams:
                 self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and self.prompt_logprobs is not None),
                 "max_new_tokens must be >= 1 (0 only when scoring the prompt)",
             ),
+            (
+                all(math.isfinite(value) for value in self._floats()),
+                "temperature, top_p, penalties and logit_bias values must be finite numbers",
+            ),
             (self.temperature >= 0, "temperature must be >= 0"),
+            (
+                self.seed is None or MIN_SEED <= self.seed <= MAX_SEED,
+                f"seed must be in {MIN_SEED}..{MAX_SEED}",
+            ),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
@@ -119,6 +130,15 @@ class SamplingParams:
             ),
         ]
         return [message for ok, message in checks if not ok]
+
+    def _floats(self) -> list[float]:
+        scalars = [self.temperature, self.top_p, self.repetition_penalty]
+        return [
+            *scalars,
+            self.presence_penalty,
+            self.frequency_penalty,
+            *(bias for _, bias in self.logit_bias),
+        ]
 
     @property
     def is_greedy(self) -> bool:
@@ -166,14 +186,19 @@ class GenerateRequest:
 
     def samples(self, count: int) -> list[GenerateRequest]:
         """`count` independent samples of this request (OpenAI's n, TGI's best_of); with a seed, sample j is
-        seeded `seed + j`, so each can be repeated alone."""
+        seeded `seed + j` (past the largest seed, counting on from the smallest), so each can be repeated
+        alone."""
         seed = self.params.seed
         if seed is None:
             return [self] * count
         return [
-            dataclasses.replace(self, params=dataclasses.replace(self.params, seed=seed + j))
+            dataclasses.replace(self, params=dataclasses.replace(self.params, seed=_wrapped_seed(seed + j)))
             for j in range(count)
         ]
+
+
+def _wrapped_seed(seed: int) -> int:
+    return seed - (MAX_SEED - MIN_SEED + 1) if seed > MAX_SEED else seed
 
 
 @dataclass(frozen=True)

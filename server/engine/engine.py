@@ -172,11 +172,27 @@ class LLMEngine:
         for seq in seqs:
             self.blocks.commit(seq)
         ready = [row for row, seq in enumerate(seqs) if not seq.is_prefilling]  # whole prompt in: sample
+        ready = self._fail_non_finite(logits, seqs, ready)
         if len(ready) < len(seqs):
             logits, seqs = logits[ready], [seqs[row] for row in ready]
         if seqs:
             self.postprocess(seqs, self.choose(logits, seqs))
         self.deliver_outputs()
+
+    def _fail_non_finite(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[int]:
+        """The rows of `rows` whose logits are all finite; each other one (its adapter overflowed the
+        model's dtype, say) finishes with an error of its own, and its neighbours in the batch go on."""
+        if not rows:
+            return rows
+        finite = torch.isfinite(logits[rows]).all(dim=-1).tolist()
+        if all(finite):
+            return rows
+        for row, ok in zip(rows, finite, strict=True):
+            if not ok:
+                seq = seqs[row]
+                adapter = f" with adapter {seq.adapter.adapter_id!r}" if seq.adapter else ""
+                self._finish(seq, "error", f"the model's output{adapter} is not finite (NaN or Inf logits)")
+        return [row for row, ok in zip(rows, finite, strict=True) if ok]
 
     def deliver_outputs(self) -> None:
         """Hand each outbox, in one call, the events its requests produced since the last delivery."""

@@ -60,5 +60,9 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[int], penalty
     ids = torch.tensor(sorted(set(token_ids)), device=logits.device)
     seen = logits[ids]
     logits = logits.clone()
-    logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    penalised = torch.where(seen > 0, seen / penalty, seen * penalty)
+    # A valid penalty of 1e-300 is 0 in float32: a positive logit / 0 is inf, meaning the largest finite one;
+    # a masked logit (-inf) * 0 is NaN, meaning it stays masked. Other values are transformers' to the bit.
+    largest = torch.finfo(logits.dtype).max
+    logits[ids] = torch.nan_to_num(penalised, nan=float("-inf"), posinf=largest, neginf=float("-inf"))
     return logits

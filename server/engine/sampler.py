@@ -22,8 +22,17 @@ def _sample_row(logits: torch.Tensor, seq: Sequence) -> int:
     params = seq.params
     if params.is_greedy:
         return int(logits.argmax())
-    probs = torch.softmax(filter_logits(logits / params.temperature, params), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
+    return int(torch.multinomial(sampling_probs(logits, params), 1, generator=seq.generator))
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from, for any finite temperature > 0 a request may carry: the
+    largest logit is shifted to 0 and the division is in float64 (where 1e-300 is not 0), so a tiny
+    temperature leaves the argmax (ties shared) rather than 0 / 0, and a +inf logit (a penalty's overflow)
+    counts as the largest finite one."""
+    logits = logits.clamp(max=torch.finfo(logits.dtype).max)
+    scaled = (logits - logits.max()).double() / params.temperature
+    return torch.softmax(filter_logits(scaled, params), dim=-1)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -34,6 +43,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keeps the first always
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
+        drop[0] = False  # the most likely token stays, even for a top_p below float32's smallest number
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits

@@ -78,7 +78,7 @@ class LLM:
         self.adapters = AdapterRegistry(
             AdapterStore(store_dir),
             self.base,
-            self.engine_config.max_rank,
+            self.engine_config,
             self.placement.dtype,
             max_cpu_adapters,
             pin_memory=self.placement.device.type == "cuda",

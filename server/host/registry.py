@@ -24,25 +24,42 @@ from adapterd.adapters.format import (
     validate_adapter_id,
 )
 from adapterd.adapters.io import host_weights
+from adapterd.adapters.kinds import HostWeights
+from adapterd.adapters.kinds.common import problem
 from adapterd.adapters.store import AdapterRecord, AdapterStore
+from adapterd.server.common.config import EngineConfig
 from adapterd.server.common.errors import AdapterNotFound, InvalidAdapter
 from adapterd.server.engine.adapter_slots import LoadedAdapter
 
 
 def load_adapter(
-    record: AdapterRecord, base: BaseModelInfo, max_rank: int, dtype: torch.dtype, pin_memory: bool = False
+    record: AdapterRecord,
+    base: BaseModelInfo,
+    limits: EngineConfig,
+    dtype: torch.dtype,
+    pin_memory: bool = False,
 ) -> LoadedAdapter:
     """Validate a stored PEFT directory again (the store may have been edited) and keep the tensors that
     validation read in host memory (one read of the file), page-locked with `pin_memory` (a GPU engine)."""
-    spec, tensors = _validated(record.path, base, max_rank)
-    weights = host_weights(spec, tensors, base, dtype, pin_memory)
+    spec, weights = servable(record.path, base, limits, dtype, pin_memory)
     return LoadedAdapter(record.id, spec, weights, version=record.version, digest=record.sha256)
 
 
-def _validated(path: Path, base: BaseModelInfo, max_rank: int) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
-    """The adapter's spec and the tensors validation read; its problems as one InvalidAdapter."""
+def servable(
+    path: Path, base: BaseModelInfo, limits: EngineConfig, dtype: torch.dtype, pin_memory: bool = False
+) -> tuple[AdapterSpec, HostWeights]:
+    """A PEFT directory as the engine would serve it: valid, within the server's limits (rank, virtual
+    tokens) and finite in the serving dtype; else one InvalidAdapter naming every problem. Uploads run it
+    too, so an adapter that is accepted can serve."""
     try:
-        return read_adapter_tensors(path, base, max_rank)
+        spec, tensors = read_adapter_tensors(path, base, limits.max_rank)
+        if spec.num_virtual_tokens > limits.max_virtual_tokens:
+            message = (
+                f"{spec.num_virtual_tokens} virtual tokens exceed the server limit "
+                f"max_virtual_tokens={limits.max_virtual_tokens}"
+            )
+            raise AdapterValidationError([problem("num_virtual_tokens", message)])
+        return spec, host_weights(spec, tensors, base, dtype, pin_memory)
     except AdapterValidationError as exc:
         raise InvalidAdapter(str(exc)) from exc
 
@@ -59,14 +76,14 @@ class AdapterRegistry:
         self,
         store: AdapterStore,
         base: BaseModelInfo,
-        max_rank: int,
+        limits: EngineConfig,
         dtype: torch.dtype,
         max_cpu_adapters: int,
         pin_memory: bool = False,
     ) -> None:
         self.store = store
         self.base = base
-        self.max_rank = max_rank
+        self.limits = limits
         self.dtype = dtype
         self.max_cpu_adapters = max_cpu_adapters
         self.pin_memory = pin_memory  # host copies in page-locked memory, for fast copies to a GPU
@@ -82,7 +99,7 @@ class AdapterRegistry:
     ) -> tuple[AdapterRecord, bool]:
         """Validate a staged PEFT directory and publish it as the id's new version."""
         checked_id(adapter_id)
-        spec, _ = _validated(staged_dir, self.base, self.max_rank)
+        spec, _ = servable(staged_dir, self.base, self.limits, self.dtype)
         record, replaced = self.store.publish(adapter_id, staged_dir, spec, self.base.name, metadata)
         with self._lock:
             self._records[adapter_id] = record
@@ -132,7 +149,7 @@ class AdapterRegistry:
             with self._lock:
                 if key in self._loaded:
                     return self._loaded[key]
-            loaded = load_adapter(record, self.base, self.max_rank, self.dtype, self.pin_memory)
+            loaded = load_adapter(record, self.base, self.limits, self.dtype, self.pin_memory)
             self._insert(key, loaded)
         return loaded
 

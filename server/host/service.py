@@ -20,7 +20,7 @@ from adapterd.adapters.store import AdapterRecord
 from adapterd.server.common.auth import Principal
 from adapterd.server.common.config import ServerConfig
 from adapterd.server.common.errors import AdapterNotFound, EngineFailed, Forbidden, InvalidRequest, Overloaded
-from adapterd.server.common.metrics import Metrics
+from adapterd.server.common.metrics import Metrics, adapter_label
 from adapterd.server.common.protocol import Completion, GenerateRequest, TokenEvent
 from adapterd.server.engine.messages import Event, RequestOutput
 from adapterd.server.host.llm import LLM, PreparedRequest
@@ -176,7 +176,9 @@ class Service:
         outputs = outbox.open(prepared.request_id)
         [handle] = self.llm.enqueue([prepared], [outbox])
         started = time.perf_counter()
-        self.metrics.requests.labels(adapter=prepared.request.adapter_id or self.model_name).inc()
+        self.metrics.requests.labels(
+            adapter=adapter_label(prepared.request.adapter_id or self.model_name)
+        ).inc()
         num_tokens, finished = 0, False
         try:
             while not finished:
@@ -227,6 +229,8 @@ class Service:
     async def load_from_path(self, adapter_id: str, path: str, principal: Principal) -> dict[str, Any]:
         """vLLM's /v1/load_lora_adapter: only from under a directory the operator allowed."""
         principal.require_owner(adapter_id)
+        if "\x00" in path:  # no file system path holds one; Path.resolve would raise
+            raise InvalidRequest("lora_path must not contain a NUL character", param="lora_path")
         source = Path(path).resolve()
         if not any(source.is_relative_to(d.resolve()) for d in self.config.allowed_lora_dirs):
             raise Forbidden(f"lora_path {path!r} is not under a directory allowed by --allowed-lora-dir")

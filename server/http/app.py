@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from adapterd.server.common.auth import ApiKeys, Principal
-from adapterd.server.common.errors import AdapterdError
+from adapterd.server.common.errors import AdapterdError, EngineFailed
 from adapterd.server.host.service import Service
 from adapterd.server.http.adapters import AdapterRoutes
 from adapterd.server.http.generate import GenerateRoutes
@@ -20,6 +21,23 @@ from adapterd.server.wire.error_bodies import openai_error, tgi_error
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
 TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path
+
+
+class AdapterIdConvertor(Convertor[str]):
+    """An adapter id in a path: any characters, line breaks included (Starlette's `path` stops before a
+    trailing newline, and its route's `$` then matches, so `keep%0A` named `keep`); the store's rule then
+    refuses what is not an id."""
+
+    regex = "(?s:.+)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("adapter_id", AdapterIdConvertor())
 
 
 def build_app(service: Service, keys: ApiKeys) -> Starlette:
@@ -35,9 +53,9 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         Route("/generate", generate.generate, methods=["POST"]),
         Route("/generate_stream", generate.generate_stream, methods=["POST"]),
         # For TGI clients that cannot send parameters.adapter_id (text-generation): the adapter in the path.
-        Route("/models/{adapter_id:path}/generate_stream", generate.generate_stream, methods=["POST"]),
-        Route("/models/{adapter_id:path}/generate", generate.generate, methods=["POST"]),
-        Route("/models/{adapter_id:path}", generate.root, methods=["POST"]),
+        Route("/models/{adapter_id:adapter_id}/generate_stream", generate.generate_stream, methods=["POST"]),
+        Route("/models/{adapter_id:adapter_id}/generate", generate.generate, methods=["POST"]),
+        Route("/models/{adapter_id:adapter_id}", generate.root, methods=["POST"]),
         Route("/tokenize", tokens.tokenize, methods=["POST"]),
         Route("/detokenize", tokens.detokenize, methods=["POST"]),
         Route("/tokenizer_info", tokens.tokenizer_info, methods=["GET"]),
@@ -45,9 +63,9 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
         Route("/v1/models", openai.models, methods=["GET"]),
         Route("/v1/adapters", adapters.list, methods=["GET"]),
-        Route("/v1/adapters/{adapter_id:path}", adapters.upload, methods=["PUT"]),
-        Route("/v1/adapters/{adapter_id:path}", adapters.show, methods=["GET"]),
-        Route("/v1/adapters/{adapter_id:path}", adapters.delete, methods=["DELETE"]),
+        Route("/v1/adapters/{adapter_id:adapter_id}", adapters.upload, methods=["PUT"]),
+        Route("/v1/adapters/{adapter_id:adapter_id}", adapters.show, methods=["GET"]),
+        Route("/v1/adapters/{adapter_id:adapter_id}", adapters.delete, methods=["DELETE"]),
         Route("/v1/load_lora_adapter", adapters.load_lora, methods=["POST"]),
         Route("/v1/unload_lora_adapter", adapters.unload_lora, methods=["POST"]),
         Route("/health", lambda _: JSONResponse({"status": "ok"}), methods=["GET"]),
@@ -72,6 +90,5 @@ async def _error_response(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     """A bug of ours: logged by Starlette, answered as a 500 in the route family's shape."""
-    error = AdapterdError(f"internal error: {type(exc).__name__}")
-    error.error_type = "internal"
+    error = EngineFailed(f"internal error: {type(exc).__name__}")
     return JSONResponse(error_body(request.url.path, error), status_code=500)

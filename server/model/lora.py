@@ -57,7 +57,8 @@ def bgmv_reference(
     index = slots.clamp(min=0)
     shrunk = torch.bmm(x, a[index, :, :rank])  # [B, T, rank]
     delta = torch.bmm(shrunk, b[index, :rank, :])  # [B, T, out]
-    return delta * has_adapter.to(delta.dtype)[:, None, None]
+    # where, not a product with 0: a row without adapter reads slot 0, and 0 * inf is NaN in its output.
+    return torch.where(has_adapter[:, None, None], delta, 0)
 
 
 @dataclass(frozen=True)

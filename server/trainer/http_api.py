@@ -13,7 +13,6 @@ Errors answer the OpenAI shape, {"error": {"message", "type", "param", "code"}},
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,6 +33,7 @@ from adapterd.server.trainer.errors import InvalidConfig
 from adapterd.server.trainer.evaluate import evaluate_file
 from adapterd.server.trainer.service import TrainerService
 from adapterd.server.wire.error_bodies import openai_error
+from adapterd.server.wire.params import parse_json
 from adapterd.server.wire.sse import first_then_rest, sse_response
 
 MAX_DATA_BYTES = 1024**3  # per file
@@ -148,11 +148,11 @@ def _json_field(form: FormData, name: str) -> Any:
     value = form.get(name)
     if value is None:
         raise InvalidRequest(f"the form needs a {name!r} field (JSON)")
-    text = value if isinstance(value, str) else value.file.read().decode(errors="replace")
+    text = value if isinstance(value, str) else value.file.read()
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidConfig("", f"not valid JSON ({exc})") from exc
+        return parse_json(text, name)
+    except InvalidRequest as exc:  # "config: not valid JSON (...)", as InvalidConfig words it
+        raise InvalidConfig("", str(exc).removeprefix(f"{name}: ")) from exc
 
 
 async def _save_file(form: FormData, name: str, directory: Path, required: bool) -> Path | None:

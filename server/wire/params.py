@@ -3,24 +3,91 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from starlette.requests import Request
 
-from adapterd.server.common.errors import InvalidRequest
+from adapterd.server.common.config import MAX_JSON_BODY_BYTES, MAX_JSON_DEPTH, MAX_JSON_INTEGER_DIGITS
+from adapterd.server.common.errors import InvalidRequest, PayloadTooLarge
 from adapterd.server.host.tools import ToolStyle, calls_text
 
 NUMBER = (int, float)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from exc
+    """The request's JSON object, read up to MAX_JSON_BODY_BYTES (413 beyond) and parsed by `parse_json`."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_JSON_BODY_BYTES:
+        raise PayloadTooLarge(f"a body of {declared} bytes exceeds the {MAX_JSON_BODY_BYTES}-byte limit")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_JSON_BODY_BYTES:
+            raise PayloadTooLarge(f"the body exceeds the {MAX_JSON_BODY_BYTES}-byte limit")
+    body = parse_json(bytes(data) or b"null")
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
+
+
+def parse_json(data: bytes | str, what: str = "the body") -> Any:
+    """Standard JSON (no NaN or Infinity) within MAX_JSON_DEPTH levels and MAX_JSON_INTEGER_DIGITS-digit
+    integers, every number finite and every string valid Unicode; InvalidRequest naming the problem."""
+    try:
+        value = json.loads(data, parse_constant=_not_json, parse_int=_integer, parse_float=_finite)
+    except RecursionError as exc:
+        raise InvalidRequest(f"{what}: nested more than {MAX_JSON_DEPTH} levels deep") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"{what}: not UTF-8 text") from exc
+    except ValueError as exc:  # json.JSONDecodeError, and what the hooks refuse
+        raise InvalidRequest(f"{what}: not valid JSON ({exc})") from exc
+    _check_parsed(value, what)
+    return value
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value (NaN and Infinity are not standard JSON)")
+
+
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INTEGER_DIGITS:
+        raise ValueError(f"an integer of more than {MAX_JSON_INTEGER_DIGITS} digits")
+    return int(text)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _check_parsed(value: Any, what: str) -> None:
+    """Depth and strings of a parsed value, without recursion (the value may be deep)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            _check_text(item, what)
+        elif isinstance(item, (list, dict)):
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidRequest(f"{what}: nested more than {MAX_JSON_DEPTH} levels deep")
+            if isinstance(item, dict):
+                for key in item:
+                    _check_text(key, what)
+            pending.extend(
+                (child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
+            )
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(
+            f"{what}: holds a string that is not valid Unicode (a lone surrogate such as \\ud800)"
+        ) from exc
 
 
 def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:

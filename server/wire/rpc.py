@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import grpc
 
 from adapterd.server.common.auth import ApiKeys
-from adapterd.server.common.errors import AdapterdError
+from adapterd.server.common.errors import AdapterdError, bounded
 
 log = logging.getLogger("adapterd.grpc")
 
@@ -39,7 +39,7 @@ async def abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) 
     else is a bug of ours, logged and answered INTERNAL."""
     if isinstance(exc, AdapterdError):  # the error type travels too, so clients raise the same class as HTTP
         context.set_trailing_metadata((("adapterd-error-type", exc.error_type),))
-        await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+        await context.abort(grpc.StatusCode[exc.grpc_code], bounded(str(exc)))
     log.error("gRPC %s failed", method, exc_info=exc)
     await context.abort(
         grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"

@@ -19,7 +19,7 @@ from adapterd.server.common.protocol import GenerateRequest, SamplingParams
 from adapterd.server.engine.detokenizer import Detokenizer
 from adapterd.server.engine.logits_processors import apply_repetition_penalty
 from adapterd.server.engine.messages import SinkOutbox
-from adapterd.server.engine.sampler import filter_logits, sample
+from adapterd.server.engine.sampler import filter_logits, sample, sampling_probs
 from adapterd.server.engine.sequence import Sequence
 from adapterd.server.llm import LLM
 
@@ -199,3 +199,101 @@ def test_sampling_with_top_k_one_equals_greedy(llm: LLM, temperature: float) -> 
 
 def test_sampling_with_a_tiny_top_p_equals_greedy(llm: LLM) -> None:
     assert generate(llm, temperature=1.0, top_p=1e-6, seed=3) == generate(llm)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45])
+def test_a_temperature_below_float32s_range_is_the_argmax_limit(temperature: float) -> None:
+    """T -> 0 concentrates the distribution on the largest logit: float32 would divide by 0 (0 / 0 is NaN,
+    which multinomial refuses, and one such row used to fail its whole batch)."""
+    logits = random_logits(0)
+    probs = sampling_probs(logits, SamplingParams(temperature=temperature, seed=1))
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(), VOCAB).double())
+
+
+def test_a_tie_at_the_top_is_shared_in_the_temperature_limit() -> None:
+    logits = random_logits(1)
+    top = logits.topk(2).indices
+    logits[top[1]] = logits[top[0]]
+    probs = sampling_probs(logits, SamplingParams(temperature=1e-300, seed=1))
+    assert probs[top].tolist() == [0.5, 0.5] and probs.sum() == 1
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324])
+def test_a_top_p_below_float32s_range_keeps_the_top_token(top_p: float) -> None:
+    logits = random_logits(2)
+    kept = filter_logits(logits, SamplingParams(temperature=1.0, top_p=top_p, seed=1))
+    assert torch.isfinite(kept).sum() == 1 and kept.argmax() == logits.argmax()
+
+
+def test_a_huge_temperature_is_uniform_and_an_infinite_logit_is_the_largest() -> None:
+    logits = random_logits(3)
+    assert torch.allclose(
+        sampling_probs(logits, SamplingParams(temperature=1e300, seed=1)),
+        torch.full((VOCAB,), 1 / VOCAB, dtype=torch.float64),
+    )
+    logits[7] = float("inf")
+    probs = sampling_probs(logits, SamplingParams(temperature=1e-300, seed=1))
+    assert probs[7] == 1
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 5e-324, 1e300])
+def test_an_extreme_repetition_penalty_stays_in_range_and_keeps_masked_tokens_masked(penalty: float) -> None:
+    logits = random_logits(4)
+    logits[3] = float("-inf")  # masked before the penalty (min_tokens holding back an end token)
+    seen = [1, 2, 3, int(logits.argmax())]
+    penalised = apply_repetition_penalty(logits, seen, penalty)
+    assert not penalised.isnan().any() and not (penalised == float("inf")).any()
+    assert penalised[3] == float("-inf")
+    positive = [i for i in seen if logits[i] > 0]
+    if penalty < 1:
+        assert all(penalised[i] == torch.finfo(torch.float32).max for i in positive)
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        ({"temperature": float("inf")}, "finite"),
+        ({"temperature": 0.5, "repetition_penalty": float("nan")}, "finite"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+    ],
+)
+def test_values_no_sampler_can_use_are_refused(params: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        SamplingParams(**params)
+
+
+def test_samples_past_the_largest_seed_count_on_from_the_smallest() -> None:
+    request = GenerateRequest(prompt="x", params=SamplingParams(temperature=1.0, seed=2**64 - 1))
+    assert [r.params.seed for r in request.samples(3)] == [2**64 - 1, -(2**63), -(2**63) + 1]
+
+
+def test_a_row_whose_logits_are_not_finite_fails_alone(llm: LLM, tiny_llama: Path, tmp_path: Path) -> None:
+    """Its adapter overflowed (here: B set to inf after validation); the rows beside it keep their tokens.
+    Found here: the reference LoRA op gave rows without adapter slot 0's delta times 0, and 0 * inf is NaN,
+    so one broken adapter in slot 0 made every adapter-less row in its prefill NaN."""
+    from tests.reference import make_lora_adapter
+
+    adapter = make_lora_adapter(tiny_llama, tmp_path / "lora", r=4, alpha=8, target_modules=["q_proj"])
+    llm.add_adapter("broken", adapter)
+    loaded = llm.adapters.resolve("broken")
+    assert loaded is not None and loaded.weights.lora is not None  # type: ignore[union-attr]
+    loaded.weights.lora.flat.fill_(float("inf"))  # type: ignore[union-attr]
+    alone = generate(llm)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    requests = [
+        GenerateRequest(prompt_ids=PROMPT, params=params),
+        GenerateRequest(prompt_ids=PROMPT, params=params, adapter_id="broken"),
+        GenerateRequest(
+            prompt_ids=PROMPT,
+            params=SamplingParams(max_new_tokens=24, ignore_eos=True, temperature=1.0, seed=2),
+        ),
+    ]
+    innocent, broken, sampled = llm.generate(requests)
+    assert list(innocent.token_ids) == alone
+    assert (
+        broken.finish_reason == "error"
+        and "'broken'" in (broken.error or "")
+        and "not finite" in (broken.error or "")
+    )
+    assert list(sampled.token_ids) == generate(llm, temperature=1.0, seed=2)
