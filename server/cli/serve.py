@@ -13,12 +13,14 @@ import uvicorn
 from adapterd.server.cli.run import engine_config
 from adapterd.server.common.auth import ApiKeys
 from adapterd.server.common.config import ServerConfig, default_cache_dir, serving_cpu_threads
-from adapterd.server.grpc.server import start_grpc_server
+from adapterd.server.common.protocol import Health
+from adapterd.server.grpc.server import SERVICE_NAMES, start_grpc_server
 from adapterd.server.host.llm import LLM
 from adapterd.server.host.service import Service
 from adapterd.server.http.app import build_app
 
 log = logging.getLogger("adapterd")
+EXIT_UNHEALTHY = 3
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -32,6 +34,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_upload_bytes=args.max_upload_bytes,
         api_keys=args.api_keys,
         allowed_lora_dirs=tuple(args.allowed_lora_dir or ()),
+        exit_when_unhealthy=args.exit_when_unhealthy,
     )
 
 
@@ -56,16 +59,18 @@ def serve_command(args: argparse.Namespace) -> int:
         store,
     )
     try:
-        asyncio.run(serve(Service(llm, config), keys))
+        healthy = asyncio.run(serve(Service(llm, config), keys))
     except OSError as exc:  # a port in use, an address not valid here
         log.error("%s", exc)
         return 2
     finally:
         llm.close()
-    return 0
+    return 0 if healthy else EXIT_UNHEALTHY
 
 
-async def serve(service: Service, keys: ApiKeys) -> None:
+async def serve(service: Service, keys: ApiKeys) -> bool:
+    """Serve until SIGINT / SIGTERM (or, with --exit-when-unhealthy, until the engine is unhealthy); whether
+    the engine was healthy at the end."""
     config = service.config
     http = uvicorn.Server(
         uvicorn.Config(
@@ -88,10 +93,22 @@ async def serve(service: Service, keys: ApiKeys) -> None:
         config.host,
         config.grpc_port,
     )
+
+    async def on_health(health: Health) -> None:
+        await grpc_server.set_serving(health.ok, SERVICE_NAMES)
+        if not health.ok:
+            log.error("the engine is unhealthy: %s", health.reason)
+            if config.exit_when_unhealthy:
+                stop.set()
+
+    watcher = asyncio.create_task(service.watch_health(on_health))
     await asyncio.wait([http_task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    service.draining = True
+    watcher.cancel()
     http.should_exit = True
     await http_task
     await grpc_server.stop(grace=2)
+    return service.health().ok or not config.exit_when_unhealthy
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +120,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pending", type=int, default=256, help="pending requests before 429")
     parser.add_argument("--max-upload-bytes", type=int, default=2 * 1024**3)
     parser.add_argument("--api-keys", type=Path, help="file of 'KEY ROLE [TENANT]' lines")
+    parser.add_argument(
+        "--exit-when-unhealthy",
+        action="store_true",
+        help=f"exit with status {EXIT_UNHEALTHY} once the engine is unhealthy (for a supervisor to restart)",
+    )
     parser.add_argument(
         "--allowed-lora-dir",
         type=Path,

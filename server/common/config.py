@@ -60,6 +60,11 @@ MAX_JSON_BODY_BYTES = 16 * 1024**2
 MAX_JSON_DEPTH = 64
 MAX_JSON_INTEGER_DIGITS = 64
 
+# Liveness: the engine is unhealthy after this many engine steps in a row failed (a step that fails every
+# time, a lost device), or when its thread died; health checks answer 503 / NOT_SERVING from then on.
+MAX_FAILED_STEPS_IN_A_ROW = 3
+HEALTH_WATCH_SECONDS = 1.0  # how often `adapterd serve` looks, for gRPC health and --exit-when-unhealthy
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -123,6 +128,7 @@ class ServerConfig:
     max_upload_bytes: int = 2 * 1024**3
     api_keys: Path | None = None
     allowed_lora_dirs: tuple[Path, ...] = ()  # where POST /v1/load_lora_adapter may read from
+    exit_when_unhealthy: bool = False  # exit (status 3) once the engine is unhealthy, for a supervisor
 
     def store_dir(self, cache_dir: Path) -> Path:
         return self.store or cache_dir / "store"

@@ -241,3 +241,11 @@ class Completion:
 def best_first(choices: list[Completion]) -> list[Completion]:
     """Samples of one request, the highest summed log-probability first (TGI's and OpenAI's best_of)."""
     return sorted(choices, key=lambda c: -sum(s.logprob or 0.0 for s in c.logprobs))
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether the engine serves (liveness); `reason` says why not."""
+
+    ok: bool
+    reason: str = ""

@@ -260,7 +260,9 @@ class LLMEngine:
         generator.manual_seed(params.seed)
         return generator, params.seed
 
-    def fail_running(self, message: str) -> None:
-        for seq in list(self.scheduler.running):
+    def fail_running(self, message: str, waiting_too: bool = False) -> None:
+        """Finish the running sequences (and with `waiting_too` the queued ones) with an error."""
+        queued = list(self.scheduler.waiting) if waiting_too else []
+        for seq in [*self.scheduler.running, *queued]:
             self._finish(seq, "error", message)
         self.deliver_outputs()

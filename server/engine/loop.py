@@ -11,7 +11,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
+from adapterd.server.common.config import MAX_FAILED_STEPS_IN_A_ROW
 from adapterd.server.common.errors import EngineStopped
+from adapterd.server.common.protocol import Health
 from adapterd.server.engine.engine import LLMEngine
 from adapterd.server.engine.messages import AddRequest, CancelRequest, Message, RequestOutput
 
@@ -29,6 +31,8 @@ class _Call:
 class EngineLoop:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self.failed_steps_in_a_row = 0
+        self.last_failure = ""
         self.inbox: queue.SimpleQueue[tuple[Message, ...] | _Call | None] = queue.SimpleQueue()
         self.is_stopping = False
         self.thread = threading.Thread(target=self._run, name="adapterd-engine", daemon=True)
@@ -41,6 +45,20 @@ class EngineLoop:
         self.is_stopping = True
         self.inbox.put(None)
         self.thread.join(timeout=30)
+
+    @property
+    def health(self) -> Health:
+        """Unhealthy once MAX_FAILED_STEPS_IN_A_ROW steps in a row failed or the thread is gone; a step that
+        succeeds makes it healthy again."""
+        if self.is_stopping:
+            return Health(False, "the engine is stopping")
+        if not self.thread.is_alive():
+            return Health(False, "the engine thread is not running")
+        if self.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW:
+            return Health(
+                False, f"{self.failed_steps_in_a_row} engine steps in a row failed: {self.last_failure}"
+            )
+        return Health(True)
 
     def send(self, messages: Iterable[Message]) -> None:
         """Queue messages together: requests sent in one call join the same step. A request the engine
@@ -102,10 +120,16 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             self.engine.step()
-        except Exception:  # a bug or out-of-memory must fail the batch, not kill the engine
+            self.failed_steps_in_a_row = 0
+        except Exception as exc:  # a bug or out-of-memory must fail the batch, not kill the engine
+            self.failed_steps_in_a_row += 1
+            self.last_failure = f"{type(exc).__name__}: {exc}"[:500]
             log.exception("engine step failed; failing the running sequences")
+            # Once unhealthy, the queued requests fail too: a step that fails before it schedules anyone
+            # would otherwise keep them waiting forever.
             try:
-                self.engine.fail_running("internal error in the engine step")
+                unhealthy = self.failed_steps_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW
+                self.engine.fail_running("internal error in the engine step", waiting_too=unhealthy)
             except Exception:
                 log.exception("failing the running sequences failed too")
 

@@ -11,17 +11,17 @@ import asyncio
 import json
 import time
 import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Any
 
 from adapterd.adapters.store import AdapterRecord
 from adapterd.server.common.auth import Principal
-from adapterd.server.common.config import ServerConfig
+from adapterd.server.common.config import HEALTH_WATCH_SECONDS, ServerConfig
 from adapterd.server.common.errors import AdapterNotFound, EngineFailed, Forbidden, InvalidRequest, Overloaded
 from adapterd.server.common.metrics import Metrics, adapter_label
-from adapterd.server.common.protocol import Completion, GenerateRequest, TokenEvent
+from adapterd.server.common.protocol import Completion, GenerateRequest, Health, TokenEvent
 from adapterd.server.engine.messages import Event, RequestOutput
 from adapterd.server.host.llm import LLM, PreparedRequest
 from adapterd.server.host.tools import tool_style
@@ -35,6 +35,7 @@ class Service:
         self.config = config
         self.metrics = Metrics()
         self.num_pending = 0
+        self.draining = False  # set when the server begins to shut down: not ready any more
         self._token_texts: dict[int, str] = {}
         self._outboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncOutbox] = (
             weakref.WeakKeyDictionary()
@@ -276,6 +277,27 @@ class Service:
         }
 
     # -- operations ---------------------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """The engine's health (liveness): see EngineLoop.health."""
+        return self.llm.loop.health
+
+    def readiness(self) -> Health:
+        """Whether to send this server traffic (readiness): healthy and not shutting down."""
+        if self.draining:
+            return Health(False, "the server is shutting down")
+        return self.health()
+
+    async def watch_health(self, on_change: Callable[[Health], Awaitable[None]]) -> None:
+        """Call `on_change` with the health each time it changes (first with the health now), every
+        HEALTH_WATCH_SECONDS, until cancelled."""
+        last: Health | None = None
+        while True:
+            health = self.health()
+            if last is None or health.ok != last.ok:
+                await on_change(health)
+                last = health
+            await asyncio.sleep(HEALTH_WATCH_SECONDS)
 
     def info(self) -> dict[str, Any]:
         engine = self.llm.engine_config

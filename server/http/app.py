@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from adapterd.server.common.auth import ApiKeys, Principal
 from adapterd.server.common.errors import AdapterdError, EngineFailed
+from adapterd.server.common.protocol import Health
 from adapterd.server.host.service import Service
 from adapterd.server.http.adapters import AdapterRoutes
 from adapterd.server.http.generate import GenerateRoutes
@@ -68,7 +69,8 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         Route("/v1/adapters/{adapter_id:adapter_id}", adapters.delete, methods=["DELETE"]),
         Route("/v1/load_lora_adapter", adapters.load_lora, methods=["POST"]),
         Route("/v1/unload_lora_adapter", adapters.unload_lora, methods=["POST"]),
-        Route("/health", lambda _: JSONResponse({"status": "ok"}), methods=["GET"]),
+        Route("/health", lambda _: health_response(service.health()), methods=["GET"]),
+        Route("/ready", lambda _: health_response(service.readiness()), methods=["GET"]),
         Route("/info", lambda _: JSONResponse(service.info()), methods=["GET"]),
         Route(
             "/metrics", lambda _: Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
@@ -76,6 +78,13 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
     ]
     handlers: dict[Any, Any] = {AdapterdError: _error_response, Exception: _internal_error}
     return Starlette(routes=routes, exception_handlers=handlers)
+
+
+def health_response(health: Health) -> Response:
+    """200 {"status": "ok"}, or 503 {"status": "unhealthy", "reason"} (Kubernetes probes read the status)."""
+    if health.ok:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unhealthy", "reason": health.reason}, status_code=503)
 
 
 def error_body(path: str, exc: AdapterdError) -> dict[str, Any]:

@@ -23,6 +23,14 @@ class GrpcServer:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
 
+    async def set_serving(self, serving: bool, service_names: Sequence[str]) -> None:
+        """Report every service, and the server as a whole, SERVING or NOT_SERVING to health checkers."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *service_names):
+            await self.health.set(name, status)
+
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING to health checkers first, then finish in-flight calls for `grace` seconds."""
         await self.health.enter_graceful_shutdown()
