@@ -15,6 +15,7 @@ from adapterd.server.common.errors import AdapterdError, EngineFailed
 from adapterd.server.common.protocol import Health
 from adapterd.server.host.service import Service
 from adapterd.server.http.adapters import AdapterRoutes
+from adapterd.server.http.disconnect import ClientDisconnected
 from adapterd.server.http.generate import GenerateRoutes
 from adapterd.server.http.openai import OpenAIRoutes
 from adapterd.server.http.tokenize import TokenizeRoutes
@@ -76,7 +77,11 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
             "/metrics", lambda _: Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
         ),
     ]
-    handlers: dict[Any, Any] = {AdapterdError: _error_response, Exception: _internal_error}
+    handlers: dict[Any, Any] = {
+        AdapterdError: _error_response,
+        ClientDisconnected: _client_left,
+        Exception: _internal_error,
+    }
     return Starlette(routes=routes, exception_handlers=handlers)
 
 
@@ -95,6 +100,11 @@ def error_body(path: str, exc: AdapterdError) -> dict[str, Any]:
 async def _error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AdapterdError)
     return JSONResponse(error_body(request.url.path, exc), status_code=exc.http_status)
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    """Nobody reads this answer: 499, as nginx logs a client that closed its request."""
+    return Response(status_code=499)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

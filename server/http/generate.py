@@ -25,6 +25,7 @@ from adapterd.server.common.protocol import (
     sampling_params,
 )
 from adapterd.server.host.service import Service
+from adapterd.server.http.disconnect import unless_disconnected
 from adapterd.server.wire.error_bodies import tgi_error
 from adapterd.server.wire.params import NUMBER, field, json_body, stop_list
 from adapterd.server.wire.sse import first_then_rest, sse_response
@@ -222,7 +223,7 @@ class GenerateRoutes:
     async def _generate(self, http: Request, body: dict[str, Any]) -> dict[str, Any]:
         parsed = parse(body, http.path_params.get("adapter_id"))
         requests = parsed.request.samples(parsed.best_of)
-        choices = await self.service.generate_all(requests, self.principal(http))
+        choices = await unless_disconnected(http, self.service.generate_all(requests, self.principal(http)))
         return self.shapes.response(choices, parsed)
 
     async def _stream(self, http: Request, body: dict[str, Any]) -> Response:

@@ -31,6 +31,7 @@ from adapterd.server.common.protocol import (
 )
 from adapterd.server.host.service import Service
 from adapterd.server.host.tools import ToolChoice, ToolStyle, parse_functions, parse_tool_choice
+from adapterd.server.http.disconnect import unless_disconnected
 from adapterd.server.http.openai_logprobs import LegacyLogprobs, chat_logprobs
 from adapterd.server.wire.error_bodies import openai_error
 from adapterd.server.wire.params import NUMBER, field, is_token_id, json_body, messages_field, stop_list
@@ -200,7 +201,9 @@ class OpenAIRoutes:
         ]
         if field(body, "stream", bool, False):
             return await self._stream(http, body, _requests(per_prompt, choices.n), model, False, choices)
-        done = await self.service.generate_all(_requests(per_prompt, choices.best_of), self.principal(http))
+        done = await unless_disconnected(
+            http, self.service.generate_all(_requests(per_prompt, choices.best_of), self.principal(http))
+        )
         groups = [done[i : i + choices.best_of] for i in range(0, len(done), choices.best_of)]
         rendered = [
             self._completion_choice(i * choices.n + j, c, prompt, choices)
@@ -226,7 +229,9 @@ class OpenAIRoutes:
             return await self._stream(
                 http, body, _requests([request], choices.n), model, True, choices, tools
             )
-        done = await self.service.generate_all(_requests([request], choices.n), self.principal(http))
+        done = await unless_disconnected(
+            http, self.service.generate_all(_requests([request], choices.n), self.principal(http))
+        )
         rendered = [self._chat_choice(i, c, choices, tools) for i, c in enumerate(done)]
         usage = _usage(done[0].prompt_tokens, sum(len(c.token_ids) for c in done))
         return JSONResponse(_envelope("chatcmpl", "chat.completion", model, rendered, usage))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def post(server: Server, path: str, body: Any = None, key: str = ADMIN, **kw: An
     headers = {"authorization": f"Bearer {key}", **kw.pop("headers", {})}
     if body is not None:
         kw["json"] = body
-    return httpx.post(f"{server.url}{path}", headers=headers, timeout=60, **kw)
+    return httpx.post(f"{server.url}{path}", headers=headers, **{"timeout": 60, **kw})
 
 
 def upload(server: Server, adapter_id: str, adapter: Path, key: str = ADMIN) -> httpx.Response:
@@ -248,3 +249,33 @@ def test_metrics_name_no_tenant_adapter(server: Server, lora: Path) -> None:
     requests = [line for line in metrics.splitlines() if line.startswith("adapterd_requests_total{")]
     assert any('adapter="acme/*"' in line for line in requests), requests
     assert any('adapter="keep"' in line for line in requests), requests
+
+
+def gauge(server: Server, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate", {"inputs": "Once", "parameters": {"max_new_tokens": 4000}}),
+        ("/v1/completions", {"model": "keep", "prompt": "Once", "max_tokens": 4000, "n": 2}),
+    ],
+)
+def test_a_non_streaming_request_is_cancelled_when_its_client_leaves(
+    server: Server, path: str, body: dict[str, Any]
+) -> None:
+    """4000 tokens are seconds of work on the tiny model; the client gives up after 1 s."""
+    with pytest.raises(httpx.ReadTimeout):
+        answer = post(server, path, {**body, "ignore_eos": True}, timeout=1)
+        pytest.fail(f"answered in time: {answer.text[:300]}")
+    deadline = time.monotonic() + 10
+    while gauge(server, "adapterd_running_batch_size") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gauge(server, "adapterd_running_batch_size") == 0
+    tokens = gauge(server, "adapterd_generated_tokens_total")
+    time.sleep(0.5)
+    assert gauge(server, "adapterd_generated_tokens_total") == tokens
