@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ async def receive_weights(
                 )
             size += len(part.weights_chunk)
             check_size(size, max_bytes)
-            weights.write(part.weights_chunk)
+            await asyncio.to_thread(weights.write, part.weights_chunk)  # up to 64 MB: off the event loop
     if size == start:
         raise InvalidRequest(f"no weights: send {WEIGHTS_FILE} in weights_chunk messages after the header")
 

@@ -6,6 +6,7 @@ object, stored with the version and shown in its description. Tar uploads carry 
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import AsyncGenerator
 from typing import IO, Any
@@ -23,6 +24,7 @@ from adapterd.server.wire.params import field, json_body, parse_json
 
 CHUNK = 1 << 20
 METADATA_FIELD = "metadata"
+SPOOL_WRITE_BYTES = 4 * 1024**2
 
 
 class AdapterRoutes:
@@ -49,7 +51,9 @@ class AdapterRoutes:
                 if http.headers.get("content-type", "").startswith("multipart/form-data"):
                     metadata = await self._write_form(http, body, staged)
                 else:
-                    extract_tar(body, staged, self.max_bytes)
+                    await asyncio.to_thread(
+                        extract_tar, body, staged, self.max_bytes
+                    )  # gunzip, checks, writes
             except UnsafeUpload as exc:
                 raise InvalidRequest(str(exc)) from exc
             description, replaced = await self.service.upload(adapter_id, staged, principal, metadata)
@@ -89,13 +93,17 @@ class AdapterRoutes:
         if declared and declared.isdigit() and int(declared) > self.max_bytes:
             raise PayloadTooLarge(f"upload of {declared} bytes exceeds the {self.max_bytes}-byte limit")
         body = tempfile.TemporaryFile()  # noqa: SIM115 - returned to the caller, who closes it
-        size = 0
+        size, pending = 0, bytearray()
         async for chunk in http.stream():
             size += len(chunk)
             if size > self.max_bytes:
                 body.close()
                 raise PayloadTooLarge(f"upload exceeds the {self.max_bytes}-byte limit")
-            body.write(chunk)
+            pending += chunk
+            if len(pending) >= SPOOL_WRITE_BYTES:  # written off the event loop, a few MB at a time
+                await asyncio.to_thread(body.write, bytes(pending))
+                pending.clear()
+        await asyncio.to_thread(body.write, bytes(pending))
         body.seek(0)
         return body
 
@@ -128,7 +136,7 @@ class AdapterRoutes:
                     if file_name in files:  # which one to keep would be a guess
                         raise InvalidRequest(f"the form sends {file_name} more than once")
                     files[file_name] = value.file
-            write_files(files, staged, self.max_bytes)
+            await asyncio.to_thread(write_files, files, staged, self.max_bytes)
         finally:
             await form.close()
         return metadata
