@@ -3,10 +3,12 @@ standard health checking and reflection, and a bind failure that says what to do
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,16 +39,105 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+class MalformedMessagesAreInvalid(grpc.aio.ServerInterceptor):
+    """A request that is not a valid protobuf message of its method's type (corrupt bytes, a string field
+    that is not UTF-8) ends with INVALID_ARGUMENT: grpcio's own deserializer would answer UNKNOWN, before
+    any servicer runs. Each handler takes raw bytes and parses them here instead."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse, method = handler.request_deserializer, details.method
+        if handler.request_streaming:
+            wrap = _parsing_each(parse, method, handler.response_streaming)
+        else:
+            wrap = _parsing_one(parse, method, handler.response_streaming)
+        behaviour = {
+            (False, False): handler.unary_unary,
+            (False, True): handler.unary_stream,
+            (True, False): handler.stream_unary,
+            (True, True): handler.stream_stream,
+        }[handler.request_streaming, handler.response_streaming]
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[handler.request_streaming, handler.response_streaming]
+        return make(
+            wrap(behaviour), request_deserializer=None, response_serializer=handler.response_serializer
+        )
+
+
+async def _parsed(parse: Callable[[bytes], Any], raw: bytes, method: str, context: Any) -> Any:
+    try:
+        return parse(raw)
+    except DecodeError as exc:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{method}: not a valid request message ({exc})"
+        )
+
+
+def _parsing_one(parse: Callable[[bytes], Any], method: str, streaming: bool) -> Callable[[Any], Any]:
+    def wrap(behaviour: Any) -> Any:
+        if streaming:
+
+            async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
+                async for reply in behaviour(await _parsed(parse, raw, method, context), context):
+                    yield reply
+
+            return stream
+
+        async def unary(raw: bytes, context: Any) -> Any:
+            return await behaviour(await _parsed(parse, raw, method, context), context)
+
+        return unary
+
+    return wrap
+
+
+def _parsing_each(parse: Callable[[bytes], Any], method: str, streaming: bool) -> Callable[[Any], Any]:
+    # grpc.aio runs a behaviour as a coroutine or an async generator only when it is one: no plain wrappers.
+    def wrap(behaviour: Any) -> Any:
+        def parsed(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+            async def each() -> AsyncIterator[Any]:
+                async for raw in requests:
+                    yield await _parsed(parse, raw, method, context)
+
+            return each()
+
+        if streaming:
+
+            async def stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
+                async for reply in behaviour(parsed(requests, context), context):
+                    yield reply
+
+            return stream
+
+        async def unary(requests: AsyncIterator[bytes], context: Any) -> Any:
+            return await behaviour(parsed(requests, context), context)
+
+        return unary
+
+    return wrap
+
+
 async def start_server(
     address: str, add_servicers: Callable[[grpc.aio.Server], None], service_names: Sequence[str]
 ) -> GrpcServer:
     """Serve what `add_servicers` adds (the services `service_names`), health and reflection on `address`
     ("host:port"); each service, and the server as a whole, reports SERVING once it listens."""
     server = grpc.aio.server(
+        interceptors=[MalformedMessagesAreInvalid()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),  # a port already in use is an error, not a second listener
-        ]
+        ],
     )
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()

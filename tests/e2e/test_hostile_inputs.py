@@ -279,3 +279,36 @@ def test_a_non_streaming_request_is_cancelled_when_its_client_leaves(
     tokens = gauge(server, "adapterd_generated_tokens_total")
     time.sleep(0.5)
     assert gauge(server, "adapterd_generated_tokens_total") == tokens
+
+
+CORRUPT = [b"\xff\xff\xff", b"\x0a\x02\xff\xfe"]  # not protobuf at all; a string field that is not UTF-8
+
+
+def test_corrupt_grpc_messages_are_invalid_argument_on_every_kind_of_method(server: Server) -> None:
+    """grpcio's deserializer answered UNKNOWN before any servicer ran."""
+    before = listing(server)
+    metadata = [("authorization", ADMIN)]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        calls = {
+            "/adapterd.v1.Adapters/GetAdapter": lambda raw: channel.unary_unary(
+                "/adapterd.v1.Adapters/GetAdapter"
+            )(raw, metadata=metadata),
+            "/adapterd.v1.Generation/Generate": lambda raw: channel.unary_unary(
+                "/adapterd.v1.Generation/Generate"
+            )(raw, metadata=metadata),
+            "/adapterd.v1.Generation/GenerateStream": lambda raw: list(
+                channel.unary_stream("/adapterd.v1.Generation/GenerateStream")(raw, metadata=metadata)
+            ),
+            "/adapterd.v1.Adapters/UploadAdapter": lambda raw: channel.stream_unary(
+                "/adapterd.v1.Adapters/UploadAdapter"
+            )(iter([raw]), metadata=metadata),
+        }
+        for method, call in calls.items():
+            for raw in CORRUPT:
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(raw)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, caught.value)
+                assert "not a valid request message" in (caught.value.details() or "")
+        stub = adapters_pb2_grpc.AdaptersStub(channel)
+        assert stub.GetAdapter(adapters_pb2.GetAdapterRequest(id="keep"), metadata=metadata).id == "keep"
+    assert listing(server) == before
