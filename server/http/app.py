@@ -6,9 +6,11 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapterd.server.common.auth import ApiKeys, Principal
 from adapterd.server.common.errors import AdapterdError, EngineFailed
@@ -23,6 +25,7 @@ from adapterd.server.wire.error_bodies import openai_error, tgi_error
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
 TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path
+OPEN_PATHS = frozenset({"/health", "/ready", "/info", "/metrics"})  # no key needed
 
 
 class AdapterIdConvertor(Convertor[str]):
@@ -82,7 +85,27 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         ClientDisconnected: _client_left,
         Exception: _internal_error,
     }
-    return Starlette(routes=routes, exception_handlers=handlers)
+    middleware = [Middleware(AuthenticateFirst, keys=keys)]
+    return Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
+
+
+class AuthenticateFirst:
+    """With --api-keys, a request without a valid key is answered 401 before its body is read: a client
+    without a key cannot make the server read (and parse) megabytes. The routes still check roles."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.keys.is_open and scope["path"] not in OPEN_PATHS:
+            sent = dict(scope["headers"]).get(b"authorization")
+            try:
+                self.keys.authenticate(sent.decode("latin-1") if sent is not None else None)
+            except AdapterdError as exc:
+                response = JSONResponse(error_body(scope["path"], exc), status_code=exc.http_status)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def health_response(health: Health) -> Response:

@@ -312,3 +312,16 @@ def test_corrupt_grpc_messages_are_invalid_argument_on_every_kind_of_method(serv
         stub = adapters_pb2_grpc.AdaptersStub(channel)
         assert stub.GetAdapter(adapters_pb2.GetAdapterRequest(id="keep"), metadata=metadata).id == "keep"
     assert listing(server) == before
+
+
+def test_a_request_without_a_key_is_refused_before_its_body_is_read(server: Server) -> None:
+    """17 MiB is over the JSON body limit: a key check after reading would answer 413, not 401."""
+    big = b'{"inputs": "' + b"a" * (17 * 1024**2) + b'"}'
+    headers = {"content-type": "application/json"}
+    for key_header in ({}, {"authorization": "Bearer wrong"}):
+        response = httpx.post(
+            f"{server.url}/generate", content=big, headers={**headers, **key_header}, timeout=60
+        )
+        assert response.status_code == 401 and response.json()["error_type"] == "unauthorized"
+    assert raw_post(server, "/generate", big).status_code == 413  # with the key: read, and over the limit
+    assert httpx.get(f"{server.url}/health").status_code == 200  # open routes stay open
