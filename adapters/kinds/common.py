@@ -100,7 +100,12 @@ class AdapterSpec:
     def scaling(self) -> float:
         if self.rank == 0:
             return 1.0
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's LoRA scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 def is_positive_int(value: Any) -> bool:

@@ -22,6 +22,7 @@ from .common import (
     fits,
     is_number,
     is_positive_int,
+    lora_scaling,
     problem,
 )
 from .targets import ModuleKey, check_module_key, check_target_modules, module_tensors
@@ -77,7 +78,7 @@ def _check_scaled(
     alpha = settings["lora_alpha"]
     if rank is None or not is_number(alpha) or not isinstance(settings["use_rslora"], bool):
         return []
-    scaling = alpha / (math.sqrt(rank) if settings["use_rslora"] else rank)
+    scaling = lora_scaling(alpha, rank, settings["use_rslora"])
     for key, tensor in b_tensors:
         if not math.isfinite(scaling) or not bool(torch.isfinite(tensor.float() * scaling).all()):
             message = f"lora_alpha={alpha} scales {key} beyond float32's range (lora_alpha / r = {scaling:g})"
