@@ -18,9 +18,9 @@ from starlette.responses import JSONResponse, Response
 
 from adapterd.adapters.archive import UnsafeUpload, extract_tar, write_files
 from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
-from adapterd.server.common.errors import InvalidRequest, PayloadTooLarge
+from adapterd.server.common.errors import InvalidRequest
 from adapterd.server.host.service import MAX_METADATA_BYTES, Service
-from adapterd.server.wire.params import field, json_body, parse_json
+from adapterd.server.wire.params import body_chunks, field, json_body, parse_json
 
 CHUNK = 1 << 20
 METADATA_FIELD = "metadata"
@@ -51,9 +51,8 @@ class AdapterRoutes:
                 if http.headers.get("content-type", "").startswith("multipart/form-data"):
                     metadata = await self._write_form(http, body, staged)
                 else:
-                    await asyncio.to_thread(
-                        extract_tar, body, staged, self.max_bytes
-                    )  # gunzip, checks, writes
+                    # gunzip, checks and writes: in a thread, off the event loop
+                    await asyncio.to_thread(extract_tar, body, staged, self.max_bytes)
             except UnsafeUpload as exc:
                 raise InvalidRequest(str(exc)) from exc
             description, replaced = await self.service.upload(adapter_id, staged, principal, metadata)
@@ -89,21 +88,18 @@ class AdapterRoutes:
 
     async def _spool(self, http: Request) -> IO[bytes]:
         """The request body in a temporary file, refused once it passes the upload limit."""
-        declared = http.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_bytes:
-            raise PayloadTooLarge(f"upload of {declared} bytes exceeds the {self.max_bytes}-byte limit")
         body = tempfile.TemporaryFile()  # noqa: SIM115 - returned to the caller, who closes it
-        size, pending = 0, bytearray()
-        async for chunk in http.stream():
-            size += len(chunk)
-            if size > self.max_bytes:
-                body.close()
-                raise PayloadTooLarge(f"upload exceeds the {self.max_bytes}-byte limit")
-            pending += chunk
-            if len(pending) >= SPOOL_WRITE_BYTES:  # written off the event loop, a few MB at a time
-                await asyncio.to_thread(body.write, bytes(pending))
-                pending.clear()
-        await asyncio.to_thread(body.write, bytes(pending))
+        pending = bytearray()
+        try:
+            async for chunk in body_chunks(http, self.max_bytes, "upload"):
+                pending += chunk
+                if len(pending) >= SPOOL_WRITE_BYTES:  # written off the event loop, a few MB at a time
+                    await asyncio.to_thread(body.write, bytes(pending))
+                    pending.clear()
+            await asyncio.to_thread(body.write, bytes(pending))
+        except BaseException:
+            body.close()
+            raise
         body.seek(0)
         return body
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -15,17 +16,24 @@ from adapterd.server.host.tools import ToolStyle, calls_text
 NUMBER = (int, float)
 
 
+async def body_chunks(request: Request, max_bytes: int, noun: str) -> AsyncIterator[bytes]:
+    """The request's body as it arrives; PayloadTooLarge (413) once it passes `max_bytes`, or before any of
+    it is read when its Content-Length says so. `noun` names the body in the message ("upload")."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"{noun} of {declared} bytes exceeds the {max_bytes}-byte limit")
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"{noun} exceeds the {max_bytes}-byte limit")
+        yield chunk
+
+
 async def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, read up to MAX_JSON_BODY_BYTES (413 beyond) and parsed by `parse_json`."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_JSON_BODY_BYTES:
-        raise PayloadTooLarge(f"a body of {declared} bytes exceeds the {MAX_JSON_BODY_BYTES}-byte limit")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_JSON_BODY_BYTES:
-            raise PayloadTooLarge(f"the body exceeds the {MAX_JSON_BODY_BYTES}-byte limit")
-    body = parse_json(bytes(data) or b"null")
+    data = b"".join([chunk async for chunk in body_chunks(request, MAX_JSON_BODY_BYTES, "the body")])
+    body = parse_json(data or b"null")
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body
