@@ -39,6 +39,15 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+# (request streaming, response streaming) -> the handler's behaviour attribute and its constructor
+_HANDLER_KINDS = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
 class MalformedMessagesAreInvalid(grpc.aio.ServerInterceptor):
     """A request that is not a valid protobuf message of its method's type (corrupt bytes, a string field
     that is not UTF-8) ends with INVALID_ARGUMENT: grpcio's own deserializer would answer UNKNOWN, before
@@ -52,26 +61,10 @@ class MalformedMessagesAreInvalid(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        parse, method = handler.request_deserializer, details.method
-        if handler.request_streaming:
-            wrap = _parsing_each(parse, method, handler.response_streaming)
-        else:
-            wrap = _parsing_one(parse, method, handler.response_streaming)
-        behaviour = {
-            (False, False): handler.unary_unary,
-            (False, True): handler.unary_stream,
-            (True, False): handler.stream_unary,
-            (True, True): handler.stream_stream,
-        }[handler.request_streaming, handler.response_streaming]
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[handler.request_streaming, handler.response_streaming]
-        return make(
-            wrap(behaviour), request_deserializer=None, response_serializer=handler.response_serializer
-        )
+        streaming = (handler.request_streaming, handler.response_streaming)
+        name, make = _HANDLER_KINDS[streaming]
+        behaviour = _parsing(getattr(handler, name), handler.request_deserializer, details.method, *streaming)
+        return make(behaviour, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
 async def _parsed(parse: Callable[[bytes], Any], raw: bytes, method: str, context: Any) -> Any:
@@ -83,48 +76,40 @@ async def _parsed(parse: Callable[[bytes], Any], raw: bytes, method: str, contex
         )
 
 
-def _parsing_one(parse: Callable[[bytes], Any], method: str, streaming: bool) -> Callable[[Any], Any]:
-    def wrap(behaviour: Any) -> Any:
-        if streaming:
-
-            async def stream(raw: bytes, context: Any) -> AsyncIterator[Any]:
-                async for reply in behaviour(await _parsed(parse, raw, method, context), context):
-                    yield reply
-
-            return stream
-
-        async def unary(raw: bytes, context: Any) -> Any:
-            return await behaviour(await _parsed(parse, raw, method, context), context)
-
-        return unary
-
-    return wrap
+async def _each_parsed(
+    requests: AsyncIterator[bytes], parse: Callable[[bytes], Any], method: str, context: Any
+) -> AsyncIterator[Any]:
+    async for raw in requests:
+        yield await _parsed(parse, raw, method, context)
 
 
-def _parsing_each(parse: Callable[[bytes], Any], method: str, streaming: bool) -> Callable[[Any], Any]:
-    # grpc.aio runs a behaviour as a coroutine or an async generator only when it is one: no plain wrappers.
-    def wrap(behaviour: Any) -> Any:
-        def parsed(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
-            async def each() -> AsyncIterator[Any]:
-                async for raw in requests:
-                    yield await _parsed(parse, raw, method, context)
+def _parsing(
+    behaviour: Any,
+    parse: Callable[[bytes], Any],
+    method: str,
+    request_streaming: bool,
+    response_streaming: bool,
+) -> Any:
+    """`behaviour` taking raw bytes (or a stream of them), parsed by `parse`. grpc.aio runs a behaviour as a
+    coroutine or an async generator only when it is one, so the wrapper is one too."""
 
-            return each()
+    async def request(incoming: Any, context: Any) -> Any:
+        if request_streaming:
+            return _each_parsed(incoming, parse, method, context)
+        return await _parsed(parse, incoming, method, context)
 
-        if streaming:
+    if response_streaming:
 
-            async def stream(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[Any]:
-                async for reply in behaviour(parsed(requests, context), context):
-                    yield reply
+        async def stream(incoming: Any, context: Any) -> AsyncIterator[Any]:
+            async for reply in behaviour(await request(incoming, context), context):
+                yield reply
 
-            return stream
+        return stream
 
-        async def unary(requests: AsyncIterator[bytes], context: Any) -> Any:
-            return await behaviour(parsed(requests, context), context)
+    async def unary(incoming: Any, context: Any) -> Any:
+        return await behaviour(await request(incoming, context), context)
 
-        return unary
-
-    return wrap
+    return unary
 
 
 async def start_server(
