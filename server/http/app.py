@@ -20,12 +20,13 @@ from adapterd.server.http.adapters import AdapterRoutes
 from adapterd.server.http.disconnect import ClientDisconnected
 from adapterd.server.http.generate import GenerateRoutes
 from adapterd.server.http.openai import OpenAIRoutes
+from adapterd.server.http.openapi import openapi_document
 from adapterd.server.http.tokenize import TokenizeRoutes
 from adapterd.server.wire.error_bodies import openai_error, tgi_error
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
 TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path
-OPEN_PATHS = frozenset({"/health", "/ready", "/info", "/metrics"})  # no key needed
+OPEN_PATHS = frozenset({"/health", "/ready", "/info", "/metrics", "/openapi.json"})  # no key needed
 
 
 class AdapterIdConvertor(Convertor[str]):
@@ -53,6 +54,7 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
     openai = OpenAIRoutes(service, principal)
     adapters = AdapterRoutes(service, principal)
     tokens = TokenizeRoutes(service, principal)
+    document = openapi_document(service.info()["version"])
     routes = [
         Route("/", generate.root, methods=["POST"]),
         Route("/generate", generate.generate, methods=["POST"]),
@@ -79,6 +81,7 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         Route(
             "/metrics", lambda _: Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
         ),
+        Route("/openapi.json", lambda _: JSONResponse(document), methods=["GET"]),
     ]
     handlers: dict[Any, Any] = {
         AdapterdError: _error_response,

@@ -17,10 +17,18 @@ from urllib.parse import quote
 import grpc
 import httpx
 import pytest
+import schemathesis
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
+from adapterd.server.http.openapi import openapi_document
 from adapterd.server.model.resolve import ResolvedModel
 from adapterd.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc
 from tests.e2e.serving import Server, make_tiny_chat_model, running_server
@@ -371,6 +379,62 @@ def test_fuzzed_adapter_messages_never_get_a_server_error(
     )
     parts = [build(adapters_pb2.UploadAdapterRequest, part) for part in upload]
     no_grpc_server_error(lambda: stub.UploadAdapter(iter(parts), timeout=60), upload)
+
+
+# -- Schemathesis, from the server's own OpenAPI document --------------------------------------------------------
+
+CAPPED_COUNTS = ("max_new_tokens", "max_tokens", "max_completion_tokens", "n", "best_of")
+SCHEMA_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
+@pytest.fixture(scope="module")
+def openapi_schema(server: Server) -> Any:
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+
+    @schema.hook
+    def map_body(context: Any, body: Any) -> Any:
+        """Keep generation short (the document allows any count the context holds)."""
+        parts = [body, body.get("parameters")] if isinstance(body, dict) else []
+        for part in parts:
+            for name in CAPPED_COUNTS:
+                if isinstance(part, dict) and isinstance(part.get(name), int) and part[name] > 4:
+                    part[name] = 4
+        return body
+
+    @schema.hook
+    def filter_path_parameters(context: Any, path_parameters: Any) -> bool:
+        return (path_parameters or {}).get("adapter_id") != "keep"  # the registry must stay as it was
+
+    @schema.hook
+    def filter_body(context: Any, body: Any) -> bool:
+        return not (isinstance(body, dict) and body.get("lora_name") == "keep")
+
+    return schema
+
+
+DOCUMENTED = [(path, method) for path, item in openapi_document("0")["paths"].items() for method in item]
+
+
+@pytest.mark.parametrize(("path", "method"), DOCUMENTED)
+def test_every_documented_route_answers_as_documented(openapi_schema: Any, path: str, method: str) -> None:
+    """Schemathesis generates requests from the server's /openapi.json; every answer is a documented status,
+    content type and body shape, and never a server error."""
+    operation = openapi_schema[path][method.upper()]
+
+    @settings(FUZZ, max_examples=max(EXAMPLES // 2, 5))
+    @given(case=operation.as_strategy())
+    def check(case: Any) -> None:
+        response = case.call(timeout=120)
+        answered = f"openapi HTTP {response.status_code // 100}xx"
+        COUNTS[answered] = COUNTS.get(answered, 0) + 1
+        case.validate_response(response, checks=SCHEMA_CHECKS)
+
+    check()
 
 
 def test_after_the_fuzzing_the_server_answers_and_nothing_changed(server: Server) -> None:
