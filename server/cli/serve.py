@@ -35,6 +35,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         api_keys=args.api_keys,
         allowed_lora_dirs=tuple(args.allowed_lora_dir or ()),
         exit_when_unhealthy=args.exit_when_unhealthy,
+        replica_name=args.replica_name,
+        metrics_tenant_adapters=args.metrics_tenant_adapters,
     )
 
 
@@ -124,6 +126,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--exit-when-unhealthy",
         action="store_true",
         help=f"exit with status {EXIT_UNHEALTHY} once the engine is unhealthy (for a supervisor to restart)",
+    )
+    parser.add_argument(
+        "--replica-name",
+        default="",
+        help="this replica's name in the X-Adapterd-Replica header and /metrics (default: HOST:HTTP_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-tenant-adapters",
+        action="store_true",
+        help="name tenant adapters in the inference gateway's series of /metrics (open: expose it to the "
+        "gateway only)",
     )
     parser.add_argument(
         "--allowed-lora-dir",

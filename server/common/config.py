@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -129,6 +130,14 @@ class ServerConfig:
     api_keys: Path | None = None
     allowed_lora_dirs: tuple[Path, ...] = ()  # where POST /v1/load_lora_adapter may read from
     exit_when_unhealthy: bool = False  # exit (status 3) once the engine is unhealthy, for a supervisor
+    replica_name: str = ""  # names this server in the X-Adapterd-Replica header and /metrics
+    metrics_tenant_adapters: bool = False  # name tenant adapters in the gateway's series of /metrics
 
     def store_dir(self, cache_dir: Path) -> Path:
         return self.store or cache_dir / "store"
+
+    @property
+    def replica(self) -> str:
+        """This server's name among replicas: --replica-name, else host name and HTTP port (a Kubernetes
+        pod's host name is the pod's name)."""
+        return self.replica_name or f"{socket.gethostname()}:{self.http_port}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -51,6 +53,44 @@ class PrefixCacheCollector(Collector):
         )
 
 
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine holds now, as the inference gateway's endpoint picker reads it."""
+
+    waiting: int  # requests not yet admitted to the batch
+    running: int  # sequences in the running batch
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    max_lora: int  # adapters the device slots hold at once
+    running_adapters: tuple[str, ...]  # adapters in device slots, ready to serve
+    waiting_adapters: tuple[str, ...]  # adapters that waiting requests ask for
+
+
+class GatewayCollector(Collector):
+    """The series the Gateway API Inference Extension's endpoint picker (and llm-d's) reads, by vLLM's names:
+    the picker scores replicas by queue, KV-cache use and which adapters each holds (`lora-affinity`).
+    `vllm:lora_requests_info` is one series whose value is the time it was written (the picker keeps the
+    latest) and whose labels list adapters comma-separated, without spaces (the picker splits on ",")."""
+
+    def __init__(self, load: Callable[[], EngineLoad]) -> None:
+        self.load = load
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        load = self.load()
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for admission", load.waiting)
+        yield GaugeMetricFamily("vllm:num_requests_running", "Sequences in the running batch", load.running)
+        yield GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full)", load.kv_cache_usage
+        )
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Adapters in device slots (running) and asked for by waiting requests; value: time written",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        labels = [str(load.max_lora), ",".join(load.running_adapters), ",".join(load.waiting_adapters)]
+        info.add_metric(labels, time.time())
+        yield info
+
+
 def adapter_label(adapter_id: str) -> str:
     """The `adapter` label of a request's series: a public adapter by its id, a tenant's adapters as one
     `tenant/*` series, as `/metrics` is open to any scraper and a tenant's adapter names are its own."""
@@ -59,9 +99,13 @@ def adapter_label(adapter_id: str) -> str:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, replica: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        info = Gauge(
+            "adapterd_replica", "This replica (its name also in X-Adapterd-Replica)", ["replica"], registry=r
+        )
+        info.labels(replica=replica).set(1)
         self.requests = Counter(
             "adapterd_requests",
             "Generation requests by adapter (tenant adapters: per tenant)",
@@ -81,11 +125,13 @@ class Metrics:
         running: Callable[[], float],
         tiers: TierCounts,
         prefix_cache: PrefixCounts,
+        load: Callable[[], EngineLoad],
     ) -> None:
         self.queue_depth.set_function(queue_depth)
         self.running.set_function(running)
         self.registry.register(AdapterTierCollector(tiers))
         self.registry.register(PrefixCacheCollector(prefix_cache))
+        self.registry.register(GatewayCollector(load))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,6 +4,10 @@ Three tiers: disk (`AdapterStore`) -> host memory (here, `max_cpu_adapters`, LRU
 engine's `AdapterSlots`). Reading and validating an adapter happens here, in the caller's thread, never on
 the engine thread. A request holds the `LoadedAdapter` object it resolved, so replacing or deleting an id
 changes nothing for requests already running, and dropping an adapter from this LRU frees nothing they use.
+
+The store is the registry's only index: every lookup reads the id's version pointer, so replicas that share
+one store directory see each other's uploads, replacements and deletes at once (docs/replicas.md). Host
+copies are keyed by version and content digest (a version number starts again at 1 after a delete).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from adapterd.adapters.store import AdapterRecord, AdapterStore
 from adapterd.server.common.config import EngineConfig
 from adapterd.server.common.errors import AdapterNotFound, InvalidAdapter
 from adapterd.server.engine.adapter_slots import LoadedAdapter
+
+HostKey = tuple[str, int, str]  # (id, version, sha256)
 
 
 def load_adapter(
@@ -87,10 +93,9 @@ class AdapterRegistry:
         self.dtype = dtype
         self.max_cpu_adapters = max_cpu_adapters
         self.pin_memory = pin_memory  # host copies in page-locked memory, for fast copies to a GPU
-        self._records = {record.id: record for record in store.list()}
-        self._loaded: OrderedDict[tuple[str, int], LoadedAdapter] = OrderedDict()
+        self._loaded: OrderedDict[HostKey, LoadedAdapter] = OrderedDict()
         self._lock = threading.Lock()
-        self._load_locks: dict[tuple[str, int], threading.Lock] = {}
+        self._load_locks: dict[HostKey, threading.Lock] = {}
         self.num_loads = 0
         self.num_evictions = 0
 
@@ -100,34 +105,33 @@ class AdapterRegistry:
         """Validate a staged PEFT directory and publish it as the id's new version."""
         checked_id(adapter_id)
         spec, _ = servable(staged_dir, self.base, self.limits, self.dtype)
-        record, replaced = self.store.publish(adapter_id, staged_dir, spec, self.base.name, metadata)
-        with self._lock:
-            self._records[adapter_id] = record
-        return record, replaced
+        return self.store.publish(adapter_id, staged_dir, spec, self.base.name, metadata)
 
     def add(self, adapter_id: str, path: str | Path) -> AdapterRecord:
         """Publish an adapter directory (copied into the store) and return its record."""
         return self.publish(adapter_id, Path(path))[0]
 
     def remove(self, adapter_id: str) -> AdapterRecord:
+        record = self.record(adapter_id)
         with self._lock:
-            record = self._records.pop(adapter_id, None)
             for key in [k for k in self._loaded if k[0] == adapter_id]:
                 del self._loaded[key]
-        if record is None or not self.store.delete(adapter_id):
+        if not self.store.delete(adapter_id):  # deleted meanwhile, here or by another replica
             raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
         return record
 
     def record(self, adapter_id: str) -> AdapterRecord:
-        with self._lock:
-            record = self._records.get(adapter_id)
+        """The id's current version, as the store has it now (another replica may have just changed it)."""
+        try:
+            record = self.store.get(adapter_id)
+        except InvalidAdapterId:
+            record = None
         if record is None:
             raise AdapterNotFound(f"adapter {adapter_id!r} is not registered")
         return record
 
     def records(self) -> list[AdapterRecord]:
-        with self._lock:
-            return sorted(self._records.values(), key=lambda r: r.id)
+        return self.store.list()
 
     def is_base(self, adapter_id: str | None) -> bool:
         """None, "" or the base model's name mean the base model."""
@@ -139,7 +143,7 @@ class AdapterRegistry:
             return None
         assert adapter_id is not None
         record = self.record(adapter_id)
-        key = (record.id, record.version)
+        key = (record.id, record.version, record.sha256)
         with self._lock:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
@@ -154,10 +158,11 @@ class AdapterRegistry:
         return loaded
 
     def host_resident(self) -> set[tuple[str, int]]:
+        """(id, version) of every adapter in host memory."""
         with self._lock:
-            return set(self._loaded)
+            return {(adapter_id, version) for adapter_id, version, _ in self._loaded}
 
-    def _insert(self, key: tuple[str, int], loaded: LoadedAdapter) -> None:
+    def _insert(self, key: HostKey, loaded: LoadedAdapter) -> None:
         with self._lock:
             self._load_locks.pop(key, None)
             self.num_loads += 1

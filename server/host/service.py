@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from adapterd.adapters.store import AdapterRecord
 from adapterd.server.common.auth import Principal
 from adapterd.server.common.config import HEALTH_WATCH_SECONDS, ServerConfig
 from adapterd.server.common.errors import AdapterNotFound, EngineFailed, Forbidden, InvalidRequest, Overloaded
-from adapterd.server.common.metrics import Metrics, adapter_label
+from adapterd.server.common.metrics import EngineLoad, Metrics, adapter_label
 from adapterd.server.common.protocol import Completion, GenerateRequest, Health, TokenEvent
 from adapterd.server.engine.messages import Event, RequestOutput
 from adapterd.server.host.llm import LLM, PreparedRequest
@@ -33,7 +33,7 @@ class Service:
     def __init__(self, llm: LLM, config: ServerConfig) -> None:
         self.llm = llm
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.replica)
         self.num_pending = 0
         self.draining = False  # set when the server begins to shut down: not ready any more
         self._token_texts: dict[int, str] = {}
@@ -49,6 +49,7 @@ class Service:
             lambda: len(scheduler.running),
             self._tier_counts,
             lambda: (blocks.queried_tokens, blocks.hit_tokens, blocks.num_cached_blocks),
+            self._engine_load,
         )
 
     @property
@@ -265,6 +266,34 @@ class Service:
 
     async def _gpu_resident(self) -> set[tuple[str, int]]:
         return await asyncio.wrap_future(self.llm.loop.call(lambda engine: engine.adapters.resident()))
+
+    def _engine_load(self) -> EngineLoad:
+        """Read at scrape time from the loop thread, while the engine thread steps: copies (atomic under the
+        GIL) of the queues, and the slots' contents retried if a step changed them while read."""
+        engine = self.llm.engine
+        waiting, running = list(engine.scheduler.waiting), list(engine.scheduler.running)
+        resident: set[tuple[str, int]] = set()
+        for _ in range(3):
+            try:
+                resident = engine.adapters.resident()
+                break
+            except RuntimeError:  # changed size during iteration
+                continue
+        blocks = engine.blocks
+        asked = {seq.adapter.adapter_id for seq in waiting if seq.adapter is not None}
+        return EngineLoad(
+            waiting=len(waiting),
+            running=len(running),
+            kv_cache_usage=1 - blocks.num_free_blocks / blocks.num_blocks if blocks.num_blocks else 0.0,
+            max_lora=self.llm.engine_config.max_gpu_adapters,
+            running_adapters=self._gateway_names(adapter_id for adapter_id, _ in resident),
+            waiting_adapters=self._gateway_names(asked),
+        )
+
+    def _gateway_names(self, adapter_ids: Iterable[str]) -> tuple[str, ...]:
+        """Adapter ids for the open /metrics: tenant adapters only with --metrics-tenant-adapters."""
+        shown = self.config.metrics_tenant_adapters
+        return tuple(sorted({i for i in adapter_ids if shown or "/" not in i}))
 
     def _tier_counts(self) -> dict[str, tuple[int, int]]:
         adapters, slots = self.llm.adapters, self.llm.engine.adapters

@@ -10,7 +10,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapterd.server.common.auth import ApiKeys, Principal
 from adapterd.server.common.errors import AdapterdError, EngineFailed
@@ -88,8 +88,34 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         ClientDisconnected: _client_left,
         Exception: _internal_error,
     }
-    middleware = [Middleware(AuthenticateFirst, keys=keys)]
+    middleware = [
+        Middleware(NameTheReplica, name=service.config.replica),
+        Middleware(AuthenticateFirst, keys=keys),
+    ]
     return Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
+
+
+REPLICA_HEADER = "x-adapterd-replica"
+
+
+class NameTheReplica:
+    """Every answer names the replica that gave it (X-Adapterd-Replica), so an operator behind a router can
+    see where each request went."""
+
+    def __init__(self, app: ASGIApp, name: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.encode(), name.encode("latin-1", "replace"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named)
 
 
 class AuthenticateFirst:

@@ -62,12 +62,23 @@ def server(model: Path, tmp_path_factory: pytest.TempPathFactory):
         assert httpx.put(f"{running.url}/v1/adapters/keep", files=files, timeout=60).status_code == 201
         running.root = root  # type: ignore[attr-defined]
         running.before = listing(running)  # type: ignore[attr-defined]
+        running.rss_before = resident_mb(running)  # type: ignore[attr-defined]
         yield running
 
 
 def listing(server: Server) -> list[dict[str, Any]]:
     adapters = httpx.get(f"{server.url}/v1/adapters", timeout=30).json()["data"]
     return sorted(({"id": a["id"], "version": a["version"]} for a in adapters), key=lambda a: a["id"])
+
+
+def resident_mb(server: Server) -> float | None:
+    """The server process's resident memory in MB (Linux), printed beside the counts: fuzzing must not grow it
+    without bound (measured by the long run, not asserted)."""
+    status = Path(f"/proc/{server.process.pid}/status")
+    if not status.exists():
+        return None
+    kilobytes = next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmRSS"))
+    return int(kilobytes) / 1024
 
 
 def staged_leftovers(store: Path) -> list[str]:
@@ -440,6 +451,7 @@ def test_every_documented_route_answers_as_documented(openapi_schema: Any, path:
 def test_after_the_fuzzing_the_server_answers_and_nothing_changed(server: Server) -> None:
     """Last in this module: every fuzzing run above went to this server."""
     print(f"fuzzing counts: {json.dumps(COUNTS, sort_keys=True)}")
+    print(f"server RSS: {server.rss_before} MB after setup, {resident_mb(server)} MB now")  # type: ignore[attr-defined]
     assert sum(COUNTS.values()) > 0
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert listing(server) == server.before  # type: ignore[attr-defined]

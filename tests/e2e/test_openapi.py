@@ -41,7 +41,8 @@ def documented(document: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def test_the_document_lists_every_route_of_the_app_and_no_other() -> None:
-    app = build_app(SimpleNamespace(info=lambda: {"version": "0"}), ApiKeys.open())  # type: ignore[arg-type]
+    service = SimpleNamespace(info=lambda: {"version": "0"}, config=SimpleNamespace(replica="test"))
+    app = build_app(service, ApiKeys.open())  # type: ignore[arg-type]
     served = {
         (CONVERTOR.sub(r"{\1}", route.path), method.lower())
         for route in app.routes

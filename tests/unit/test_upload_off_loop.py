@@ -27,7 +27,7 @@ class FakeService:
 
     def __init__(self, root: Path) -> None:
         self.llm = SimpleNamespace(adapters=SimpleNamespace(store=AdapterStore(root)))
-        self.config = SimpleNamespace(max_upload_bytes=1 << 20)
+        self.config = SimpleNamespace(max_upload_bytes=1 << 20, replica="test")
         self.loop_thread: int | None = None
         self.uploaded: list[str] = []
 
