@@ -43,15 +43,18 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 def serve_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = server_config(args)
-    keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys.open()
     store = config.store_dir(default_cache_dir())
+    load = {"model": args.model, "quantize": args.quantize, "device": args.device, "store": store}
+    if args.ray:
+        from adapterd.server.cli.ray_serve import ray_serve_command
+
+        replica_threads = max(1, int(args.ray_replica_cpus))
+        return ray_serve_command(args, load, engine_config(args, cpu_threads=replica_threads), config)
+    keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys.open()
     llm = LLM(
-        model=args.model,
-        quantize=args.quantize,
-        device=args.device,
         engine=engine_config(args, cpu_threads=serving_cpu_threads()),
-        store=store,
         max_cpu_adapters=config.max_cpu_adapters,
+        **load,
     )
     log.info(
         "model %s loaded (%s on %s); adapter store %s",
@@ -126,6 +129,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--exit-when-unhealthy",
         action="store_true",
         help=f"exit with status {EXIT_UNHEALTHY} once the engine is unhealthy (for a supervisor to restart)",
+    )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve: --replicas engine replicas behind one adapter-affinity router (HTTP only)",
+    )
+    parser.add_argument("--replicas", type=int, default=1, help="engine replicas under --ray")
+    parser.add_argument("--ray-address", help="an existing Ray cluster to join (default: start a local one)")
+    parser.add_argument(
+        "--ray-replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica (default 1)"
     )
     parser.add_argument(
         "--replica-name",
