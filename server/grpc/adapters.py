@@ -77,6 +77,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, service: Service, keys: ApiKeys) -> None:
         self.service = service
         self.keys = keys
+        self.replica = service.config.replica  # sent as x-adapterd-replica metadata
 
     @rpc
     async def ListAdapters(

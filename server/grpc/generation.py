@@ -111,6 +111,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, service: Service, keys: ApiKeys) -> None:
         self.service = service
         self.keys = keys
+        self.replica = service.config.replica  # sent as x-adapterd-replica metadata
 
     @rpc
     async def Generate(self, request: pb.GenerateRequest, principal: Principal) -> pb.GenerateResponse:

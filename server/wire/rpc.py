@@ -22,8 +22,18 @@ from adapterd.server.common.errors import AdapterdError, bounded
 log = logging.getLogger("adapterd.grpc")
 
 
+REPLICA_METADATA = "x-adapterd-replica"
+
+
 class Servicer(Protocol):
     keys: ApiKeys  # the keys `@rpc` authenticates callers with
+
+
+async def name_the_replica(servicer: Servicer, context: grpc.aio.ServicerContext) -> None:
+    """A servicer with a `replica` name sends it first, as `x-adapterd-replica` initial metadata."""
+    replica = getattr(servicer, "replica", None)
+    if replica:
+        await context.send_initial_metadata(((REPLICA_METADATA, replica),))
 
 
 def authorization(context: grpc.aio.ServicerContext) -> str | None:
@@ -55,6 +65,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             self: Servicer, request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             try:
+                await name_the_replica(self, context)
                 principal = self.keys.authenticate(authorization(context))
                 # aclosing: a cancelled call closes the method's generator, which closes the Service's stream.
                 async with aclosing(method(self, request, principal)) as messages:
@@ -68,6 +79,7 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     async def unary(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            await name_the_replica(self, context)
             return await method(self, request, self.keys.authenticate(authorization(context)))
         except Exception as exc:
             await abort(context, exc, method.__qualname__)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -479,7 +480,8 @@ def test_busy_port_is_a_clear_error():
         await occupant.start()
         try:
             with pytest.raises(GrpcBindError, match=f"127.0.0.1:{port}.*--grpc-port"):
-                await start_grpc_server(None, ApiKeys.open(), f"127.0.0.1:{port}")  # type: ignore[arg-type]
+                service = SimpleNamespace(config=SimpleNamespace(replica="test"))  # never called
+                await start_grpc_server(service, ApiKeys.open(), f"127.0.0.1:{port}")  # type: ignore[arg-type]
         finally:
             await occupant.stop(None)
 

@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterd.server.model.resolve import ResolvedModel
+from adapterd.v1 import generation_pb2, generation_pb2_grpc
 from tests.e2e.serving import Server, make_tiny_chat_model, running_server
 from tests.e2e.test_fuzz import staged_leftovers
 from tests.e2e.test_http import upload_multipart
@@ -112,7 +114,7 @@ def test_concurrent_uploads_of_one_id_through_both_replicas_leave_one_history(
     assert kept == [str(len(jobs) - 1), str(len(jobs))]  # the current version and the one before it
 
 
-def test_every_answer_names_its_replica(replicas: tuple[Server, Server, Path]) -> None:
+def test_every_answer_names_its_replica_over_http_and_grpc(replicas: tuple[Server, Server, Path]) -> None:
     a, b, _ = replicas
     for server, name in ((a, "A"), (b, "B")):
         for path in ("/health", "/v1/models", "/v1/adapters/nope"):
@@ -124,6 +126,14 @@ def test_every_answer_names_its_replica(replicas: tuple[Server, Server, Path]) -
         )
         assert stream.headers["x-adapterd-replica"] == name
         assert gauges(server)[("adapterd_replica", (("replica", name),))] == 1
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            request = generation_pb2.GenerateRequest(prompt="Hi", parameters={"max_new_tokens": 2})
+            _, call = stub.Generate.with_call(request, timeout=60)
+            assert dict(call.initial_metadata())["x-adapterd-replica"] == name
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Generate(generation_pb2.GenerateRequest(prompt="Hi", adapter_id="nope"), timeout=60)
+            assert dict(refused.value.initial_metadata())["x-adapterd-replica"] == name  # type: ignore[attr-defined]
 
 
 def gauges(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
