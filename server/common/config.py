@@ -116,6 +116,9 @@ def serving_cpu_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - FRONT_END_CORES)
 
 
+REPLICA_HEADER = "x-adapterd-replica"  # the HTTP header and gRPC metadata key that names the replica
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The network side: ports, the adapter store, limits and keys."""

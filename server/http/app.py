@@ -13,6 +13,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapterd.server.common.auth import ApiKeys, Principal
+from adapterd.server.common.config import REPLICA_HEADER
 from adapterd.server.common.errors import AdapterdError, EngineFailed
 from adapterd.server.common.protocol import Health
 from adapterd.server.host.service import Service
@@ -93,9 +94,6 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         Middleware(AuthenticateFirst, keys=keys),
     ]
     return Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
-
-
-REPLICA_HEADER = "x-adapterd-replica"
 
 
 class NameTheReplica:

@@ -101,6 +101,11 @@ def _get(summary: str, tag: str, schema: Schema, errors: tuple[str, ...] = ("401
     return _operation(summary, tag, {"200": _content(schema)}, errors)
 
 
+def _post(summary: str, tag: str, request: str, answer: str, errors: tuple[str, ...]) -> dict[str, Any]:
+    """A POST of a JSON body (schema `request`) answered 200 with JSON (schema `answer`)."""
+    return _operation(summary, tag, {"200": _content(ref(answer))}, errors, body=_content(ref(request)))
+
+
 def _paths() -> dict[str, dict[str, Any]]:
     adapters = "Adapters"
     upload_body = {
@@ -146,39 +151,35 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/adapters": {"get": _get("The adapters the caller may use", adapters, ref("AdapterList"))},
         "/v1/adapters/{adapter_id}": {"put": upload, "get": show, "delete": delete},
         "/v1/load_lora_adapter": {
-            "post": _operation(
+            "post": _post(
                 "Register an adapter from a directory on the server (vLLM)",
                 adapters,
-                {"200": _content(ref("Adapter"))},
+                "LoadLoraRequest",
+                "Adapter",
                 ("400", "401", "403", "413", "422", "503"),
-                body=_content(ref("LoadLoraRequest")),
             )
         },
         "/v1/unload_lora_adapter": {
-            "post": _operation(
-                "Delete an adapter (vLLM)",
-                adapters,
-                {"200": _content(ref("DeletedAdapter"))},
-                json_errors,
-                body=_content(ref("UnloadLoraRequest")),
+            "post": _post(
+                "Delete an adapter (vLLM)", adapters, "UnloadLoraRequest", "DeletedAdapter", json_errors
             )
         },
         "/tokenize": {
-            "post": _operation(
+            "post": _post(
                 "Tokenize a prompt or chat messages",
                 tokens,
-                {"200": _content(ref("TokenizeResponse"))},
+                "TokenizeRequest",
+                "TokenizeResponse",
                 json_errors,
-                body=_content(ref("TokenizeRequest")),
             )
         },
         "/detokenize": {
-            "post": _operation(
+            "post": _post(
                 "Token ids back to text",
                 tokens,
-                {"200": _content(ref("DetokenizeResponse"))},
+                "DetokenizeRequest",
+                "DetokenizeResponse",
                 ("400", "401", "403", "413"),
-                body=_content(ref("DetokenizeRequest")),
             )
         },
         "/tokenizer_info": {

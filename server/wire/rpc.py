@@ -17,12 +17,10 @@ from typing import Any, Protocol
 import grpc
 
 from adapterd.server.common.auth import ApiKeys
+from adapterd.server.common.config import REPLICA_HEADER
 from adapterd.server.common.errors import AdapterdError, bounded
 
 log = logging.getLogger("adapterd.grpc")
-
-
-REPLICA_METADATA = "x-adapterd-replica"
 
 
 class Servicer(Protocol):
@@ -33,7 +31,7 @@ async def name_the_replica(servicer: Servicer, context: grpc.aio.ServicerContext
     """A servicer with a `replica` name sends it first, as `x-adapterd-replica` initial metadata."""
     replica = getattr(servicer, "replica", None)
     if replica:
-        await context.send_initial_metadata(((REPLICA_METADATA, replica),))
+        await context.send_initial_metadata(((REPLICA_HEADER, replica),))
 
 
 def authorization(context: grpc.aio.ServicerContext) -> str | None:
