@@ -37,6 +37,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         exit_when_unhealthy=args.exit_when_unhealthy,
         replica_name=args.replica_name,
         metrics_tenant_adapters=args.metrics_tenant_adapters,
+        trainer_url=args.trainer,
     )
 
 
@@ -77,9 +78,10 @@ async def serve(service: Service, keys: ApiKeys) -> bool:
     """Serve until SIGINT / SIGTERM (or, with --exit-when-unhealthy, until the engine is unhealthy); whether
     the engine was healthy at the end."""
     config = service.config
+    app = build_app(service, keys)
     http = uvicorn.Server(
         uvicorn.Config(
-            build_app(service, keys),
+            app,
             host=config.host,
             port=config.http_port,
             log_level="warning",
@@ -113,6 +115,8 @@ async def serve(service: Service, keys: ApiKeys) -> bool:
     http.should_exit = True
     await http_task
     await grpc_server.stop(grace=2)
+    if app.state.trainer is not None:
+        await app.state.trainer.close()
     return service.health().ok or not config.exit_when_unhealthy
 
 
@@ -125,6 +129,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pending", type=int, default=256, help="pending requests before 429")
     parser.add_argument("--max-upload-bytes", type=int, default=2 * 1024**3)
     parser.add_argument("--api-keys", type=Path, help="file of 'KEY ROLE [TENANT]' lines")
+    parser.add_argument(
+        "--trainer",
+        metavar="URL",
+        help="an adapterd trainer's HTTP URL: its /v1/training and /v1/evaluations routes are served here "
+        "too (the console's Training page)",
+    )
     parser.add_argument(
         "--exit-when-unhealthy",
         action="store_true",

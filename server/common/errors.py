@@ -53,6 +53,14 @@ class EngineStopped(AdapterdError):
     error_type = "unavailable"
 
 
+class TrainerUnreachable(AdapterdError):
+    """The server forwards the trainer's routes (--trainer URL); the trainer did not answer."""
+
+    http_status = 502
+    grpc_code = "UNAVAILABLE"
+    error_type = "unavailable"
+
+
 class Unauthorized(AdapterdError):
     http_status = 401
     grpc_code = "UNAUTHENTICATED"

@@ -178,9 +178,9 @@ class Service:
         outputs = outbox.open(prepared.request_id)
         [handle] = self.llm.enqueue([prepared], [outbox])
         started = time.perf_counter()
-        self.metrics.requests.labels(
-            adapter=adapter_label(prepared.request.adapter_id or self.model_name)
-        ).inc()
+        label = adapter_label(prepared.request.adapter_id or self.model_name)
+        self.metrics.requests.labels(adapter=label).inc()
+        tokens_served = self.metrics.adapter_tokens.labels(adapter=label)
         num_tokens, finished = 0, False
         try:
             while not finished:
@@ -194,6 +194,7 @@ class Service:
                             self.metrics.ttft.observe(time.perf_counter() - started)
                         num_tokens += 1
                         self.metrics.generated_tokens.inc()
+                        tokens_served.inc()
                     else:
                         finished = True
                         if event.finish_reason == "error":
@@ -344,6 +345,8 @@ class Service:
                 self.llm.engine.blocks.num_blocks * engine.kv_block_size, engine.max_seq_len
             ),
             "version": _version(),
+            "auth": "api_keys" if self.config.api_keys else "open",
+            "trainer": self.config.trainer_url is not None,  # its routes are served here (--trainer)
         }
 
 

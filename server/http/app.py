@@ -18,16 +18,23 @@ from adapterd.server.common.errors import AdapterdError, EngineFailed
 from adapterd.server.common.protocol import Health
 from adapterd.server.host.service import Service
 from adapterd.server.http.adapters import AdapterRoutes
+from adapterd.server.http.console import console_routes, is_console_path
 from adapterd.server.http.disconnect import ClientDisconnected
 from adapterd.server.http.generate import GenerateRoutes
 from adapterd.server.http.openai import OpenAIRoutes
 from adapterd.server.http.openapi import openapi_document
 from adapterd.server.http.tokenize import TokenizeRoutes
+from adapterd.server.http.trainer_proxy import TrainerProxy
 from adapterd.server.wire.error_bodies import openai_error, tgi_error
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
 TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path
 OPEN_PATHS = frozenset({"/health", "/ready", "/info", "/metrics", "/openapi.json"})  # no key needed
+
+
+def is_open_path(path: str) -> bool:
+    """Answered without a key: the operations routes, and the console's files (its pages ask for a key)."""
+    return path in OPEN_PATHS or is_console_path(path)
 
 
 class AdapterIdConvertor(Convertor[str]):
@@ -55,7 +62,8 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
     openai = OpenAIRoutes(service, principal)
     adapters = AdapterRoutes(service, principal)
     tokens = TokenizeRoutes(service, principal)
-    document = openapi_document(service.info()["version"])
+    trainer = TrainerProxy(service.config.trainer_url) if service.config.trainer_url else None
+    document = openapi_document(service.info()["version"], trainer=trainer is not None)
     routes = [
         Route("/", generate.root, methods=["POST"]),
         Route("/generate", generate.generate, methods=["POST"]),
@@ -83,6 +91,8 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
             "/metrics", lambda _: Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
         ),
         Route("/openapi.json", lambda _: JSONResponse(document), methods=["GET"]),
+        *(trainer.routes() if trainer else ()),
+        *console_routes(),
     ]
     handlers: dict[Any, Any] = {
         AdapterdError: _error_response,
@@ -93,7 +103,9 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         Middleware(NameTheReplica, name=service.config.replica),
         Middleware(AuthenticateFirst, keys=keys),
     ]
-    return Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
+    app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
+    app.state.trainer = trainer  # closed by the server on shutdown
+    return app
 
 
 class NameTheReplica:
@@ -124,7 +136,7 @@ class AuthenticateFirst:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self.keys.is_open and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and not self.keys.is_open and not is_open_path(scope["path"]):
             sent = dict(scope["headers"]).get(b"authorization")
             try:
                 self.keys.authenticate(sent.decode("latin-1") if sent is not None else None)

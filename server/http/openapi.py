@@ -22,6 +22,7 @@ REASONS = {
     "413": f"The body is too large (JSON bodies: {MAX_JSON_BODY_BYTES} bytes; uploads: --max-upload-bytes)",
     "422": "The adapter cannot be served by this model (shapes, rank, kind, values)",
     "429": "Overloaded: the waiting queue is full",
+    "502": "The trainer (--trainer) did not answer",
     "503": "Not serving: the engine is unhealthy or the server is shutting down",
 }
 GENERATE_ERRORS = ("400", "401", "403", "404", "413", "422", "429", "503")
@@ -207,10 +208,58 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/openapi.json": {
             "get": _operation("This document", "Operations", {"200": _content({"type": "object"})})
         },
+        "/ui": {
+            "get": _operation(
+                "The web console (its files under /ui/; its pages call this API)",
+                "Console",
+                {"200": _content(STRING, "text/html")},
+            )
+        },
     }
 
 
-def openapi_document(version: str) -> dict[str, Any]:
+def _trainer_paths() -> dict[str, dict[str, Any]]:
+    """The trainer's routes, forwarded as they are (--trainer): the trainer's own API, documented there."""
+    job = {"type": "object", "required": ["id", "status"]}
+    form = {"multipart/form-data": {"schema": {"type": "object"}}}
+    errors = ("400", "401", "403", "404", "413", "502")
+    tag = "Training (forwarded to --trainer)"
+    forwarded = {"200": _content(job)}
+
+    def of_a_job(operation: dict[str, Any]) -> dict[str, Any]:
+        job_id = {"name": "job_id", "in": "path", "required": True, "schema": STRING}
+        return {**operation, "parameters": [job_id]}
+
+    return {
+        "/v1/training/jobs": {
+            "get": _operation("The training jobs", tag, {"200": _content({"type": "object"})}, errors),
+            "post": _operation("Submit a training job", tag, {"202": _content(job)}, errors, body=form),
+        },
+        "/v1/training/jobs/{job_id}": {"get": of_a_job(_operation("A training job", tag, forwarded, errors))},
+        "/v1/training/jobs/{job_id}/events": {
+            "get": of_a_job(
+                _operation(
+                    "A job's progress as server-sent events", tag, {"200": _content(STRING, SSE)}, errors
+                )
+            )
+        },
+        "/v1/training/jobs/{job_id}/cancel": {
+            "post": of_a_job(_operation("Cancel a job", tag, forwarded, errors))
+        },
+        "/v1/evaluations": {
+            "post": _operation(
+                "Score the base or an adapter on held-out JSONL",
+                tag,
+                {"200": _content({"type": "object"})},
+                errors,
+                body=form,
+            )
+        },
+    }
+
+
+def openapi_document(version: str, trainer: bool = False) -> dict[str, Any]:
+    """The document; `trainer`: with the forwarded training routes (--trainer)."""
     return {
         "openapi": "3.2.0",
         "info": {
@@ -219,7 +268,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "description": "One base model, many LoRA and soft-prompt adapters per request: TGI/LoRAX, "
             "OpenAI and vLLM routes, adapter uploads. With --api-keys, send Authorization: Bearer KEY.",
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **(_trainer_paths() if trainer else {})},
         "security": [{}, {"apiKey": []}],  # open, or a Bearer key when the server has --api-keys
         "components": {
             "schemas": SCHEMAS,

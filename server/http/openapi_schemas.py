@@ -403,6 +403,8 @@ INFO_FIELDS: dict[str, Schema] = {
         )
     },
     "version": STRING,
+    "auth": {"enum": ["open", "api_keys"]},
+    "trainer": {"type": "boolean"},
 }
 HEALTH = obj(
     {"status": enum("ok", "unhealthy"), "reason": {**STRING, "description": "why it is unhealthy"}}, "status"

@@ -30,6 +30,7 @@ from typing import IO, Any
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "rejected")
 ENDED = ("succeeded", "failed", "cancelled", "rejected")  # rejected: trained, but register_if refused it
 JOB_FILE = "job.json"
+MAX_CURVE_POINTS = 2000  # a longer curve keeps every other point: its shape, in a job.json that stays small
 INTERRUPTED = "the trainer stopped while this job was running; submit it again"
 
 
@@ -53,6 +54,7 @@ class Job:
     status: str = "queued"
     phase: str = ""  # while running: loading, evaluating_base, training, evaluating_adapter, uploading
     progress: dict[str, Any] = field(default_factory=new_progress)
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, loss] of each progress report
     metrics: dict[str, Any] | None = None  # {"base": scores, "adapter": scores, "tasks"?: ..., "gate"?: ...}
     error: str | None = None
     started_at: str | None = None
@@ -61,6 +63,15 @@ class Job:
     num_eval_examples: int | None = None
     adapter: dict[str, Any] | None = None  # the server's description of the uploaded adapter
     worker_pid: int | None = None
+
+    def record_progress(self, progress: dict[str, Any]) -> None:
+        """The worker's latest report, and its point on the loss curve (a late watcher draws it whole)."""
+        self.progress = progress
+        self.loss_curve.append([progress["step"], progress["loss"]])
+        if len(self.loss_curve) > MAX_CURVE_POINTS:
+            last, self.loss_curve = self.loss_curve[-1], self.loss_curve[::2]
+            if self.loss_curve[-1] is not last:
+                self.loss_curve.append(last)
 
     @property
     def has_ended(self) -> bool:

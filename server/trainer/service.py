@@ -242,7 +242,7 @@ class TrainerService:
             job.num_train_examples = event["num_train_examples"]
             job.num_eval_examples = event["num_eval_examples"]
         elif kind == "progress":
-            job.progress = event
+            job.record_progress(event)
         elif kind == "metrics":
             job.metrics = event
         self._changed(job, "metrics" if kind == "metrics" else "progress", durable=kind != "progress")

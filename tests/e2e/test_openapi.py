@@ -42,23 +42,26 @@ def documented(document: dict[str, Any]) -> set[tuple[str, str]]:
     return {(path, method) for path, item in document["paths"].items() for method in item}
 
 
-def test_the_document_lists_every_route_of_the_app_and_no_other() -> None:
-    service = SimpleNamespace(info=lambda: {"version": "0"}, config=SimpleNamespace(replica="test"))
-    app = build_app(service, ApiKeys.open())  # type: ignore[arg-type]
+@pytest.mark.parametrize("trainer_url", [None, "http://127.0.0.1:1"], ids=["alone", "with-trainer"])
+def test_the_document_lists_every_route_of_the_app_and_no_other(trainer_url: str | None) -> None:
+    config = SimpleNamespace(replica="test", trainer_url=trainer_url)
+    app = build_app(SimpleNamespace(info=lambda: {"version": "0"}, config=config), ApiKeys.open())  # type: ignore[arg-type]
     served = {
         (CONVERTOR.sub(r"{\1}", route.path), method.lower())
         for route in app.routes
         for method in getattr(route, "methods", None) or ()
         if method != "HEAD"
     }
-    assert documented(openapi_document("0")) == served
+    assert documented(openapi_document("0", trainer=trainer_url is not None)) == served
+    assert (("/v1/training/jobs", "post") in served) == (trainer_url is not None)
 
 
-def test_the_document_is_valid_openapi() -> None:
-    schema = schemathesis.openapi.from_dict(openapi_document("0"))
+@pytest.mark.parametrize("trainer", [False, True], ids=["alone", "with-trainer"])
+def test_the_document_is_valid_openapi(trainer: bool) -> None:
+    schema = schemathesis.openapi.from_dict(openapi_document("0", trainer=trainer))
     schema.validate()  # against the OpenAPI 3.2 meta-schema
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == len(documented(openapi_document("0")))
+    assert len(operations) == len(documented(openapi_document("0", trainer=trainer)))
 
 
 @pytest.fixture(scope="module")

@@ -119,9 +119,14 @@ class Trainer:
 
 
 def start_trainer(
-    server: serving.Server, work_dir: Path, model: str, *args: str, env: dict[str, str] | None = None
+    server: serving.Server,
+    work_dir: Path,
+    model: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    http_port: int | None = None,
 ) -> Trainer:
-    http_port, grpc_port = serving.free_port(), serving.free_port()
+    http_port, grpc_port = http_port or serving.free_port(), serving.free_port()
     log = work_dir / f"trainer-{http_port}.log"
     command = [
         *TRAINER,

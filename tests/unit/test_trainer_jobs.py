@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from adapterd.server.common.auth import OPEN
-from adapterd.server.trainer.jobs import INTERRUPTED, Job, JobStore, WorkDirInUse, new_job_id, utc_now
+from adapterd.server.trainer.jobs import (
+    INTERRUPTED,
+    MAX_CURVE_POINTS,
+    Job,
+    JobStore,
+    WorkDirInUse,
+    new_job_id,
+    utc_now,
+)
 from adapterd.server.trainer.service import Base, TrainerService
 
 
@@ -98,3 +106,17 @@ def test_one_trainer_per_work_dir(tmp_path: Path) -> None:
         JobStore(tmp_path)
     store.close()
     JobStore(tmp_path).close()
+
+
+def test_the_loss_curve_keeps_every_report_then_thins_to_its_shape(tmp_path: Path) -> None:
+    job = make_job(JobStore(tmp_path), 1)
+    for step in range(1, MAX_CURVE_POINTS + 1):
+        job.record_progress({"step": step, "total_steps": 5000, "loss": 1.0 / step})
+    assert [s for s, _ in job.loss_curve] == list(range(1, MAX_CURVE_POINTS + 1))  # one point per report
+    assert job.progress["step"] == MAX_CURVE_POINTS
+    job.record_progress({"step": MAX_CURVE_POINTS + 1, "total_steps": 5000, "loss": 0.0})
+    steps = [s for s, _ in job.loss_curve]
+    # Over the cap: every other point, the first and the latest kept, in order; and it fits again.
+    assert steps[0] == 1 and steps[-1] == MAX_CURVE_POINTS + 1 and steps == sorted(steps)
+    assert len(steps) <= MAX_CURVE_POINTS // 2 + 2
+    assert job.loss_curve[-1] == [MAX_CURVE_POINTS + 1, 0.0]
