@@ -69,6 +69,7 @@ def job_message(job: dict[str, Any]) -> pb.Job:
         created_at=job["created_at"],
         started_at=job["started_at"] or "",
         finished_at=job["finished_at"] or "",
+        loss_curve=[pb.LossPoint(step=int(step), loss=loss) for step, loss in job["loss_curve"]],
     )
     for name in ("num_train_examples", "num_eval_examples"):
         if job[name] is not None:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from adapterd.adapters.format import CONFIG_FILE, WEIGHTS_FILE
+from adapterd.clients import TrainerClient
 from adapterd.server.evaluation.compare import Comparison
 from adapterd.server.model.resolve import ResolvedModel
 from tests.e2e import serving
@@ -140,7 +141,9 @@ def console(browser: Any, server: serving.Server) -> Iterator[Console]:
     session.close()
 
 
-def api(server: serving.Server, method: str, path: str, key: str = ROOT, **kwargs: Any) -> httpx.Response:
+def api(
+    server: serving.Server | Trainer, method: str, path: str, key: str = ROOT, **kwargs: Any
+) -> httpx.Response:
     headers = {"authorization": f"Bearer {key}"}
     return httpx.request(method, f"{server.url}{path}", headers=headers, timeout=120, **kwargs)
 
@@ -319,8 +322,9 @@ def test_a_tenant_key_sees_only_its_tenants_adapters(console: Console, server: s
 
 
 def test_a_job_submitted_through_the_page_draws_its_loss_and_ends_with_scores(
-    console: Console, server: serving.Server, tmp_path: Path
+    console: Console, stack: tuple[serving.Server, Trainer], tmp_path: Path
 ) -> None:
+    server, trainer = stack
     data, held_out = tmp_path / "train.jsonl", tmp_path / "held-out.jsonl"
     data.write_bytes(jsonl([chat(d) for d in TRAIN]))
     held_out.write_bytes(jsonl([chat(d) for d in HELD_OUT[:8]]))
@@ -339,6 +343,9 @@ def test_a_job_submitted_through_the_page_draws_its_loss_and_ends_with_scores(
     playwright.expect(page.locator("#job-detail[data-status=succeeded]")).to_be_visible(timeout=400_000)
     job = api(server, "GET", f"/v1/training/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
+    # The server forwards the trainer's routes as they are: our own client sees the same job through it.
+    with TrainerClient(server.url, api_key=ROOT) as through_server:
+        assert through_server.get(job_id) == job == api(trainer, "GET", f"/v1/training/jobs/{job_id}").json()
     # One point per logged step: the page draws the job's whole curve, up to the last step.
     points = page.locator("#job-detail .loss-curve circle.point")
     drawn = [(float(p.get_attribute("data-x")), float(p.get_attribute("data-y"))) for p in points.all()]

@@ -434,6 +434,7 @@ def test_qlora_job_serves_on_the_nf4_base(tiny: serving.Server, tiny_trainer: Tr
     # gRPC GetJob answers every field the HTTP job has.
     described = tiny_trainer.training.GetJob(training_pb2.GetJobRequest(id=job["id"]))
     assert described.phase == "" and described.config.rank == 4 and described.config.max_steps == 4
+    assert [[p.step, p.loss] for p in described.loss_curve] == job["loss_curve"] and job["loss_curve"]
     assert described.config.learning_rate == job["config"]["learning_rate"]
     assert not described.config.HasField("prompt_tuning_init_text")
     assert described.num_train_examples == 40 and described.num_eval_examples == 4

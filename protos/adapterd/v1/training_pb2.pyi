@@ -125,7 +125,7 @@ class GateOutcome(_message.Message):
     def __init__(self, task: _Optional[str] = ..., metric: _Optional[str] = ..., base: _Optional[float] = ..., adapter: _Optional[float] = ..., delta: _Optional[float] = ..., min_delta: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "adapter_id", "method", "status", "progress", "metrics", "error", "created_at", "started_at", "finished_at", "phase", "config", "num_train_examples", "num_eval_examples", "adapter")
+    __slots__ = ("id", "adapter_id", "method", "status", "progress", "metrics", "error", "created_at", "started_at", "finished_at", "phase", "config", "num_train_examples", "num_eval_examples", "adapter", "loss_curve")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class Job(_message.Message):
     NUM_TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LOSS_CURVE_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter_id: str
     method: str
@@ -156,7 +157,16 @@ class Job(_message.Message):
     num_train_examples: int
     num_eval_examples: int
     adapter: _adapters_pb2.Adapter
-    def __init__(self, id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., method: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., phase: _Optional[str] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., num_train_examples: _Optional[int] = ..., num_eval_examples: _Optional[int] = ..., adapter: _Optional[_Union[_adapters_pb2.Adapter, _Mapping]] = ...) -> None: ...
+    loss_curve: _containers.RepeatedCompositeFieldContainer[LossPoint]
+    def __init__(self, id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., method: _Optional[str] = ..., status: _Optional[str] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., metrics: _Optional[_Union[JobMetrics, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ..., phase: _Optional[str] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ..., num_train_examples: _Optional[int] = ..., num_eval_examples: _Optional[int] = ..., adapter: _Optional[_Union[_adapters_pb2.Adapter, _Mapping]] = ..., loss_curve: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ...) -> None: ...
+
+class LossPoint(_message.Message):
+    __slots__ = ("step", "loss")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
