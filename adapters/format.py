@@ -120,9 +120,42 @@ def read_adapter_tensors(
         kind, kind_problems = _check_adapter(config, tensors, base, max_rank)
         problems += kind_problems
     if problems:
-        raise AdapterValidationError(problems)
+        raise AdapterValidationError(problems, cause=_made_for_another_base(config, tensors, base))
     assert config is not None and tensors is not None and kind is not None
     return kind.spec(root, config, tensors), tensors
+
+
+HIDDEN_INPUT_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # in_features: the hidden size
+
+
+def _made_for_another_base(
+    config: Mapping[str, Any] | None, tensors: dict[str, torch.Tensor] | None, base: BaseModelInfo
+) -> AdapterProblem | None:
+    """The likely cause of a wall of shape problems: the adapter's tensors say another hidden size (or more
+    layers) than this base has. Names the base model its adapter_config.json gives, if any."""
+    if not tensors:
+        return None
+    hidden = None
+    for key, tensor in tensors.items():
+        parsed = parse_module_key(key)
+        reads_hidden = parsed is not None and parsed[2] == "lora_A" and parsed[1] in HIDDEN_INPUT_MODULES
+        if tensor.ndim == 2 and (reads_hidden or key == PROMPT_KEY):
+            hidden = int(tensor.shape[1])
+            break
+    layers = 1 + max((p[0] for p in map(parse_module_key, tensors) if p is not None), default=-1)
+    if hidden is not None and hidden != base.hidden_size:
+        made, this = f"hidden size {hidden}", f"hidden size {base.hidden_size}"
+    elif layers > base.num_layers:
+        made, this = f"{layers} layers", f"{base.num_layers} layers"
+    else:
+        return None
+    named = (config or {}).get("base_model_name_or_path")
+    source = f" ({named}, as its adapter_config.json says)" if isinstance(named, str) and named else ""
+    return problem(
+        "base_model",
+        f"this adapter was made for another base model{source}, with {made}; this server serves {base.name}, "
+        f"with {this}: train the adapter on {base.name} (`adapterd model export DIR` copies its weights)",
+    )
 
 
 def _read_config(root: Path) -> tuple[dict[str, Any] | None, list[AdapterProblem]]:

@@ -79,9 +79,9 @@ class ServerApi:
     def upload_adapter(
         self, adapter_id: str, path: str | Path, metadata: Mapping[str, Any] | None = None
     ) -> Call[Adapter]:
-        """Upload the PEFT adapter directory `path` (adapter_config.json + adapter_model.safetensors) as
-        `adapter_id`, or as its next version, with optional `metadata` (a JSON object, kept with the
-        version and shown in its description). Servable as soon as this returns."""
+        """Upload the PEFT adapter directory `path` (adapter_config.json + adapter_model.safetensors), or a
+        tar archive of it, as `adapter_id`, or as its next version, with optional `metadata` (a JSON object,
+        kept with the version and shown in its description). Servable as soon as this returns."""
         return self._codec.upload_adapter(adapter_id, path, metadata)
 
     @endpoint

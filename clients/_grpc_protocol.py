@@ -3,6 +3,7 @@ and answer parsing for GrpcClient and AsyncGrpcClient."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -104,13 +105,14 @@ def upload_messages(
     """A header with adapter_config.json (and the metadata), then the weights in chunks, read as the upload
     proceeds."""
     config, weights = adapter_files(path)  # before anything is sent: a missing file fails at once
-    header = adapters_pb2.UploadHeader(id=adapter_id, adapter_config=config.read_bytes())
+    config_bytes = config if isinstance(config, bytes) else config.read_bytes()
+    header = adapters_pb2.UploadHeader(id=adapter_id, adapter_config=config_bytes)
     if metadata is not None:
         header.metadata.update(dict(metadata))
 
     def messages() -> Iterator[adapters_pb2.UploadAdapterRequest]:
         yield adapters_pb2.UploadAdapterRequest(header=header)
-        with weights.open("rb") as chunks:
+        with io.BytesIO(weights) if isinstance(weights, bytes) else weights.open("rb") as chunks:
             while chunk := chunks.read(UPLOAD_CHUNK_BYTES):
                 yield adapters_pb2.UploadAdapterRequest(weights_chunk=chunk)
 

@@ -116,12 +116,18 @@ def _job_row(job: Mapping[str, Any]) -> tuple[Any, ...]:
 
 def job_details(job: Mapping[str, Any]) -> str:
     """Every field of a job; held-out metrics one line per model, eval_tasks one line per model and task."""
-    values = {key: value for key, value in job.items() if key not in ("progress", "metrics")}
+    nested = ("progress", "metrics", "config", "adapter", "loss_curve")
+    values: dict[str, Any] = {key: value for key, value in job.items() if key not in nested}
     values["progress"] = progress_bar(job)
+    if job.get("loss_curve"):
+        values["loss_curve"] = f"{len(job['loss_curve'])} points (the JSON job has them)"
+    for group in ("config", "adapter"):  # one line per field, not one long JSON line
+        for key, value in (job.get(group) or {}).items():
+            values[f"{group}.{key}"] = value
     metrics = job.get("metrics") or {}
     for model in ("base", "adapter"):
         if isinstance(metrics.get(model), Mapping):
-            values[f"metrics.{model}"] = "  ".join(f"{k} {float(v):.3f}" for k, v in metrics[model].items())
+            values[f"metrics.{model}"] = "  ".join(f"{k} {_score(v)}" for k, v in metrics[model].items())
     for model, tasks in (metrics.get("tasks") or {}).items():
         for task, scores in tasks.items():
             shown = (f"{k} {float(v):.4f}" for k, v in scores.items() if "_stderr" not in k)
@@ -134,6 +140,11 @@ def job_details(job: Mapping[str, Any]) -> str:
             f" (delta {gate['delta']:+.4f}, min_delta {gate['min_delta']:+.4f})"
         )
     return key_values(values)
+
+
+def _score(value: Any) -> str:
+    """A score to 3 places; a count (num_examples) as the integer it is."""
+    return str(value) if isinstance(value, int) else f"{float(value):.3f}"
 
 
 class ProgressPrinter:

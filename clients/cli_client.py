@@ -40,10 +40,14 @@ def add_client_commands(commands: Any) -> None:
     show = actions.add_parser("show", parents=[SERVER_OPTIONS], help="one adapter's description")
     show.add_argument("adapter_id")
     show.set_defaults(handler=adapters_show)
-    upload = actions.add_parser("upload", parents=[SERVER_OPTIONS], help="upload a PEFT adapter directory")
+    upload = actions.add_parser(
+        "upload", parents=[SERVER_OPTIONS], help="upload a PEFT adapter directory or a tar archive of one"
+    )
     upload.add_argument("adapter_id")
     upload.add_argument(
-        "path", type=Path, help="directory with adapter_config.json and adapter_model.safetensors"
+        "path",
+        type=Path,
+        help="directory with adapter_config.json and adapter_model.safetensors, or a tar (.tar, .tar.gz) of it",
     )
     upload.add_argument("--metadata", type=json_object, help="a JSON object kept with the adapter version")
     upload.set_defaults(handler=adapters_upload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -165,10 +166,44 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def adapter_files(path: str | Path) -> tuple[Path, Path]:
-    """A local PEFT adapter directory's (adapter_config.json, adapter_model.safetensors)."""
-    config, weights = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+AdapterFile = Path | bytes  # a file to send, or (from a tar archive) its content
+
+
+def adapter_files(path: str | Path) -> tuple[AdapterFile, AdapterFile]:
+    """A local PEFT adapter's (adapter_config.json, adapter_model.safetensors): from its directory, or from a
+    tar archive of it (plain or gzip; the files at its top or in one folder). A clear error otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_file():
+        return _files_in_tar(path)
+    config, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if not weights.is_file() and pickles:
+        raise FileNotFoundError(
+            f"{path} has {pickles[0]} but no {WEIGHTS_FILE}: pickle weights are refused (loading them can run "
+            f"code); save the adapter as safetensors (PEFT's save_pretrained does by default)"
+        )
     for needed in (config, weights):
         if not needed.is_file():
             raise FileNotFoundError(f"{path} is not a PEFT adapter directory: {needed.name} is missing")
     return config, weights
+
+
+def _files_in_tar(path: Path) -> tuple[bytes, bytes]:
+    if not tarfile.is_tarfile(path):
+        raise FileNotFoundError(f"{path} is neither a PEFT adapter directory nor a tar archive of one")
+    found: dict[str, bytes] = {}
+    with tarfile.open(path) as archive:
+        for member in archive.getmembers():
+            parts = Path(member.name).parts
+            name = parts[-1] if parts else ""
+            if name in (CONFIG_FILE, WEIGHTS_FILE) and len(parts) <= 2 and member.isfile():
+                extracted = archive.extractfile(member)
+                assert extracted is not None
+                found[name] = extracted.read()
+    for needed in (CONFIG_FILE, WEIGHTS_FILE):
+        if needed not in found:
+            raise FileNotFoundError(f"{path} (a tar archive) holds no {needed} (at its top or in one folder)")
+    return found[CONFIG_FILE], found[WEIGHTS_FILE]

@@ -4,6 +4,7 @@ validated adapter becomes, and the checks several kinds run on their config and 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,41 @@ class AdapterProblem:
     message: str
 
 
+MAX_SHOWN_GROUPS = 32  # distinct problems in the message; `problems` keeps every one
+MAX_SHOWN_WITH_CAUSE = 4  # when the first names the cause, the rest only illustrate it
+
+
+def group_key(message: str) -> str:
+    """The same problem in another layer reads the same: `layers.3.` and `layers.17.` both `layers.*.`."""
+    return LAYER_INDEX.sub("layers.*.", message)
+
+
+LAYER_INDEX = re.compile(r"layers\.\d+\.")
+
+
 class AdapterValidationError(ValueError):
-    def __init__(self, problems: Iterable[AdapterProblem]):
-        self.problems = list(problems)
+    """Every problem found, in `problems`; the message names the likely cause first (a `cause` problem, such
+    as an adapter made for another base model), then each distinct problem once, with how many layers share
+    it."""
+
+    def __init__(self, problems: Iterable[AdapterProblem], cause: AdapterProblem | None = None):
+        self.problems = ([cause] if cause else []) + list(problems)
         count = len(self.problems)
-        details = "; ".join(p.message for p in self.problems)
+        limit = MAX_SHOWN_WITH_CAUSE if cause else MAX_SHOWN_GROUPS
+        details = self._details(limit)
         super().__init__(f"adapter refused ({count} problem{'s' if count != 1 else ''}): {details}")
+
+    def _details(self, limit: int) -> str:
+        groups: dict[str, list[AdapterProblem]] = {}
+        for p in self.problems:
+            groups.setdefault(group_key(p.message), []).append(p)
+        shown = []
+        for members in list(groups.values())[:limit]:
+            more = len(members) - 1
+            alike = f" (and {more} more layer{'s' if more > 1 else ''} alike)" if more else ""
+            shown.append(members[0].message + alike)
+        hidden = len(groups) - limit
+        return "; ".join(shown) + (f"; and {hidden} more kinds of problem" if hidden > 0 else "")
 
 
 def problem(field_name: str, message: str) -> AdapterProblem:

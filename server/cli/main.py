@@ -4,6 +4,7 @@ server-side commands (run, serve, trainer) import torch lazily, so the client in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 from adapterd.clients.cli_client import add_client_commands
 from adapterd.clients.cli_train import add_train_commands
 from adapterd.clients.errors import AdapterdClientError
+from adapterd.server.cli.model import add_model_command
+from adapterd.server.common.errors import CommandFailed
 
 SERVER_EXTRA_HINT = "this command needs the server extras: pip install 'adapterd[server]'"
 
@@ -36,13 +39,41 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     from adapterd.server.common.config import EngineConfig  # plain dataclasses: no torch
 
     defaults = EngineConfig()
-    parser.add_argument("--model", default="default", help="default | PATH (HF dir or .gguf) | HUB_ID")
-    parser.add_argument("--quantize", default="auto", choices=["auto", "nf4", "int8", "none"])
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--max-batch", type=at_least(1), default=defaults.max_batch)
-    parser.add_argument("--max-rank", type=at_least(1), default=defaults.max_rank)
-    parser.add_argument("--max-gpu-adapters", type=at_least(1), default=defaults.max_gpu_adapters)
-    parser.add_argument("--max-soft-prompts", type=at_least(1), default=defaults.max_soft_prompts)
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="default (SmolLM2-135M-Instruct; see `adapterd model info`) | PATH (HF dir or .gguf) | HUB_ID",
+    )
+    parser.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "nf4", "int8", "none"],
+        help="base weights: auto is nf4 on CUDA and none (bf16 where fast, else fp32) on a CPU",
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA if present"
+    )
+    parser.add_argument(
+        "--max-batch", type=at_least(1), default=defaults.max_batch, help="sequences in the running batch"
+    )
+    parser.add_argument(
+        "--max-rank",
+        type=at_least(1),
+        default=defaults.max_rank,
+        help="largest LoRA rank served (device slots are padded to it: set it to your largest)",
+    )
+    parser.add_argument(
+        "--max-gpu-adapters",
+        type=at_least(1),
+        default=defaults.max_gpu_adapters,
+        help="LoRA-family adapters in device slots at once (a batch mixes at most this many)",
+    )
+    parser.add_argument(
+        "--max-soft-prompts",
+        type=at_least(1),
+        default=defaults.max_soft_prompts,
+        help="soft-prompt and prefix adapters in device slots at once",
+    )
     parser.add_argument(
         "--kv-cache-tokens",
         type=at_least(defaults.kv_block_size),
@@ -73,11 +104,31 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it has none or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.default in (None, False, argparse.SUPPRESS)
+            or "default" in text
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+TRAINER_HELP = "the training service: jobs that train, evaluate and register adapters (HTTP and gRPC)"
+EVAL_HELP = "score the base model and adapters: lm-eval tasks (--tasks) or a held-out JSONL file (--data)"
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """`command` is the command the line names: the server commands' own options come from modules that
-    import torch, so they are added only for that command, and client commands start fast."""
+    import torch, so they are added only for that command (the others are listed, for --help), and client
+    commands start fast."""
     parser = argparse.ArgumentParser(prog="adapterd", description="adapter model server")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands._parser_class = _with_defaults_shown(commands._parser_class)  # every command's --help
     run = commands.add_parser("run", help="offline batch inference over JSONL")
     run.add_argument("--in", dest="input", type=Path, required=True, help="requests.jsonl")
     run.add_argument("--out", dest="output", type=Path, required=True, help="results.jsonl")
@@ -87,11 +138,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_model_args(serve)
     if command == "serve":
         _add_serve_args(serve)
-    if command in ("trainer", "eval"):
-        _add_trainer_command(commands, command)
+    for name, help_text in (("trainer", TRAINER_HELP), ("eval", EVAL_HELP)):
+        server_side = commands.add_parser(name, help=help_text, description=help_text)
+        if command == name:
+            _add_trainer_args(server_side, name)
+    add_model_command(commands)
     add_client_commands(commands)
     add_train_commands(commands)
     return parser
+
+
+def _with_defaults_shown(parser_class: Any) -> Any:
+    def make(**kwargs: Any) -> Any:
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        return parser_class(**kwargs)
+
+    return make
 
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -102,14 +164,14 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     add_serve_args(parser)
 
 
-def _add_trainer_command(commands: Any, command: str) -> None:
-    """`adapterd trainer` (the training side-service) and `adapterd eval` come from adapterd.server.trainer:
-    it adds the parser and sets `handler` (args -> exit status), as the client commands do."""
+def _add_trainer_args(parser: argparse.ArgumentParser, command: str) -> None:
+    """`adapterd trainer` (the training side-service) and `adapterd eval`: their options and `handler`
+    (args -> exit status) come from adapterd.server.trainer.cli, as the client commands' do."""
     try:
-        from adapterd.server.trainer.cli import add_eval_command, add_trainer_command
+        from adapterd.server.trainer.cli import configure_eval, configure_trainer
     except ImportError:
         return
-    (add_trainer_command if command == "trainer" else add_eval_command)(commands)
+    (configure_trainer if command == "trainer" else configure_eval)(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,14 +190,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # as a Unix tool killed by SIGPIPE reports it: `adapterd adapters list | head -1`
+
+
 def run_handler(args: argparse.Namespace) -> int:
-    """Run a command; a refused request or an unreadable file is one line on stderr and exit status 1."""
+    """Run a command; a refused request or an unreadable file is one line on stderr and exit status 1; a
+    reader that closed the pipe (`| head`) ends the command quietly; a server command on the client-only
+    install names the extras it needs."""
     try:
         return int(args.handler(args))
     except AdapterdClientError as exc:
         return _fail(f"{type(exc).__name__}: {exc.message}")
+    except CommandFailed as exc:
+        return _fail(str(exc))
+    except BrokenPipeError:
+        # Later writes (and the interpreter's last flush) go nowhere, not to a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         return _fail(str(exc))
+    except ModuleNotFoundError as exc:  # torch, transformers, lm-eval: the server side is not installed
+        print(f"adapterd: {SERVER_EXTRA_HINT} (missing: {exc.name})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -121,14 +121,26 @@ async def serve(service: Service, keys: ApiKeys) -> bool:
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--http-port", type=int, default=8080)
-    parser.add_argument("--grpc-port", type=int, default=50051)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind HTTP and gRPC to")
+    parser.add_argument("--http-port", type=int, default=8080, help="HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port")
     parser.add_argument("--store", type=Path, help="adapter store directory (default: <cache>/store)")
-    parser.add_argument("--max-cpu-adapters", type=int, default=64)
-    parser.add_argument("--max-pending", type=int, default=256, help="pending requests before 429")
-    parser.add_argument("--max-upload-bytes", type=int, default=2 * 1024**3)
-    parser.add_argument("--api-keys", type=Path, help="file of 'KEY ROLE [TENANT]' lines")
+    parser.add_argument(
+        "--max-cpu-adapters",
+        type=int,
+        default=64,
+        help="adapters kept in host memory (beyond: read from disk)",
+    )
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        default=256,
+        help="requests waiting for the engine before 429 / RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument("--max-upload-bytes", type=int, default=2 * 1024**3, help="largest adapter upload")
+    parser.add_argument(
+        "--api-keys", type=Path, help="file of 'KEY ROLE [TENANT]' lines (default: open, no keys)"
+    )
     parser.add_argument(
         "--trainer",
         metavar="URL",
@@ -148,7 +160,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="engine replicas under --ray")
     parser.add_argument("--ray-address", help="an existing Ray cluster to join (default: start a local one)")
     parser.add_argument(
-        "--ray-replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica (default 1)"
+        "--ray-replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica"
     )
     parser.add_argument(
         "--replica-name",
@@ -165,5 +177,5 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--allowed-lora-dir",
         type=Path,
         action="append",
-        help="directory /v1/load_lora_adapter may read from (repeatable)",
+        help="directory /v1/load_lora_adapter may read from (repeatable; default: none, the route refuses)",
     )

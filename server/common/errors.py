@@ -53,6 +53,22 @@ class EngineStopped(AdapterdError):
     error_type = "unavailable"
 
 
+class RouteNotFound(AdapterdError):
+    """HTTP only: no route has this path."""
+
+    http_status = 404
+    grpc_code = "UNIMPLEMENTED"
+    error_type = "not_found"
+
+
+class MethodNotAllowed(AdapterdError):
+    """HTTP only: the route exists, not with this method (the answer's Allow header names those it takes)."""
+
+    http_status = 405
+    grpc_code = "UNIMPLEMENTED"
+    error_type = "method_not_allowed"
+
+
 class TrainerUnreachable(AdapterdError):
     """The server forwards the trainer's routes (--trainer URL); the trainer did not answer."""
 
@@ -84,3 +100,8 @@ class EngineFailed(AdapterdError):
     http_status = 500
     grpc_code = "INTERNAL"
     error_type = "internal"
+
+
+class CommandFailed(Exception):
+    """A server-side command (`adapterd eval`, ...) could not do its work: printed as the other commands'
+    errors are, one line `adapterd: error: ...` on stderr, exit status 1."""

@@ -148,7 +148,7 @@ def open_backend(args: Any) -> tuple[Any, list[str], Any]:
 
 def tasks_command(args: Any) -> int:
     """`adapterd eval --tasks ...`: print the table, write `--out DIR/results.json`; exit 1 on an error."""
-    import sys
+    from adapterd.server.common.errors import CommandFailed
 
     closing: Any = None
     try:
@@ -163,8 +163,7 @@ def tasks_command(args: Any) -> int:
             include_path=args.include_path,
         )
     except Exception as exc:  # lm-eval's own errors (unknown task, bad YAML) are plain exceptions
-        print(f"adapterd eval: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        raise CommandFailed(f"{type(exc).__name__}: {exc}") from exc
     finally:
         if closing is not None:
             closing.close()

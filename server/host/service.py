@@ -234,6 +234,11 @@ class Service:
         principal.require_owner(adapter_id)
         if "\x00" in path:  # no file system path holds one; Path.resolve would raise
             raise InvalidRequest("lora_path must not contain a NUL character", param="lora_path")
+        if not self.config.allowed_lora_dirs:
+            raise Forbidden(
+                "loading adapters from the server's file system is off: start the server with "
+                "--allowed-lora-dir DIR (or upload the adapter: PUT /v1/adapters/{id})"
+            )
         source = Path(path).resolve()
         if not any(source.is_relative_to(d.resolve()) for d in self.config.allowed_lora_dirs):
             raise Forbidden(f"lora_path {path!r} is not under a directory allowed by --allowed-lora-dir")

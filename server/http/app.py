@@ -6,6 +6,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,7 +26,7 @@ from adapterd.server.http.openai import OpenAIRoutes
 from adapterd.server.http.openapi import openapi_document
 from adapterd.server.http.tokenize import TokenizeRoutes
 from adapterd.server.http.trainer_proxy import TrainerProxy
-from adapterd.server.wire.error_bodies import openai_error, tgi_error
+from adapterd.server.wire.error_bodies import openai_error, routing_error, tgi_error
 
 TGI_PATHS = ("/", "/generate", "/generate_stream")
 TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path
@@ -96,6 +97,7 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
     ]
     handlers: dict[Any, Any] = {
         AdapterdError: _error_response,
+        HTTPException: _routing_error,
         ClientDisconnected: _client_left,
         Exception: _internal_error,
     }
@@ -162,6 +164,15 @@ def error_body(path: str, exc: AdapterdError) -> dict[str, Any]:
 async def _error_response(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AdapterdError)
     return JSONResponse(error_body(request.url.path, exc), status_code=exc.http_status)
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """No such route, or not with this method: the route family's JSON error, as for any other error."""
+    assert isinstance(exc, HTTPException)
+    error = routing_error(exc, request.method, request.url.path)
+    return JSONResponse(
+        error_body(request.url.path, error), status_code=error.http_status, headers=exc.headers
+    )
 
 
 async def _client_left(request: Request, exc: Exception) -> Response:

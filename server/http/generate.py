@@ -57,11 +57,28 @@ class TgiRequest:
     full_text: bool  # return_full_text: the prompt in front of generated_text
 
 
+# OpenAI's names for TGI's parameters: refused with the right name, not silently ignored.
+OPENAI_NAMES = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "n": "best_of",
+    "logprobs": "details (and top_n_tokens for alternatives)",
+    "top_logprobs": "top_n_tokens",
+}
+
+
 def parse(body: dict[str, Any], path_adapter: str | None = None) -> TgiRequest:
     inputs = field(body, "inputs", str)
     if not inputs:
         raise InvalidRequest("inputs must be a non-empty string")
     p = field(body, "parameters", dict, {})
+    for name, ours in OPENAI_NAMES.items():
+        if name in p:
+            raise InvalidRequest(
+                f"parameters.{name} is OpenAI's name; these (TGI) routes take {ours} "
+                "(other parameters they do not know are ignored, as TGI ignores them)",
+                param=f"parameters.{name}",
+            )
     for name, allowed in UNSUPPORTED.items():
         if p.get(name) not in allowed:
             raise InvalidRequest(f"parameters.{name} is not supported")

@@ -1,8 +1,6 @@
-"""`adapterd trainer` (the training service) and `adapterd eval` (score a model on JSONL through a server).
-
-Until the `adapterd` console script wires them, run them as
-`python -m adapterd.server.trainer.cli trainer ...` and `python -m adapterd.server.trainer.cli eval ...`.
-"""
+"""`adapterd trainer` (the training service) and `adapterd eval` (lm-eval tasks, or a held-out JSONL file
+through a server): their options and handlers, which the `adapterd` command wires
+(`python -m adapterd.server.trainer.cli trainer|eval ...` runs them alone)."""
 
 from __future__ import annotations
 
@@ -45,7 +43,9 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=50052)
     parser.add_argument("--work-dir", type=Path, help="jobs and their files (default: <cache>/trainer)")
     parser.add_argument("--model", default="default", help="the server's base model: default | PATH | HUB_ID")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: CUDA if present"
+    )
     parser.add_argument("--api-keys", type=Path, help="keys for the trainer's own API ('KEY ROLE [TENANT]')")
 
 
@@ -132,10 +132,11 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--api-key", default=env_api_key(), help="API key (default: $ADAPTERD_API_KEY)")
     parser.add_argument("--out", type=Path, help="--data: each prediction (JSONL); --tasks: a directory")
+    parser.add_argument("--json", action="store_true", help="--data: print the scores as JSON, not a table")
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from adapterd.server.common.errors import AdapterdError
+    from adapterd.server.common.errors import AdapterdError, CommandFailed
 
     if args.tasks:
         from adapterd.server.evaluation.compare import tasks_command
@@ -143,16 +144,24 @@ def eval_command(args: argparse.Namespace) -> int:
         return tasks_command(args)
     if not args.data:
         print(
-            "adapterd eval: give --tasks (lm-eval tasks) or --data (a held-out JSONL file)", file=sys.stderr
+            "adapterd: error: eval: give --tasks (lm-eval tasks) or --data (a held-out JSONL file)",
+            file=sys.stderr,
         )
         return 2
     try:
-        scores = asyncio.run(_evaluate(args))
-    except (AdapterdError, OSError) as exc:
-        print(f"adapterd eval: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps({"adapter_id": args.adapter_id, **scores}, indent=2))
+        scores = {"adapter_id": args.adapter_id, **asyncio.run(_evaluate(args))}
+    except AdapterdError as exc:
+        raise CommandFailed(str(exc)) from exc
+    print(json.dumps(scores, indent=2) if args.json else _scores_table(scores))
     return 0
+
+
+def _scores_table(scores: dict[str, Any]) -> str:
+    width = max(len(name) for name in scores)
+    return "\n".join(
+        f"{name.ljust(width)}  {value:.4f}" if isinstance(value, float) else f"{name.ljust(width)}  {value}"
+        for name, value in {**scores, "adapter_id": scores["adapter_id"] or "(the base model)"}.items()
+    )
 
 
 async def _evaluate(args: argparse.Namespace) -> dict[str, object]:
@@ -174,25 +183,23 @@ async def _evaluate(args: argparse.Namespace) -> dict[str, object]:
     return scores.to_dict()
 
 
-def add_trainer_command(commands: Any) -> None:
-    """`adapterd trainer`: adds the parser to the `adapterd` command's subparsers, with its `handler`."""
-    trainer = commands.add_parser("trainer", help="the training service (jobs over HTTP and gRPC)")
-    add_trainer_args(trainer)
-    trainer.set_defaults(handler=trainer_command)
+def configure_trainer(parser: argparse.ArgumentParser) -> None:
+    """`adapterd trainer`'s options and handler, on the parser the `adapterd` command made for it."""
+    add_trainer_args(parser)
+    parser.set_defaults(handler=trainer_command)
 
 
-def add_eval_command(commands: Any) -> None:
-    """`adapterd eval`: as `add_trainer_command`."""
-    evaluate = commands.add_parser("eval", help="score the base model or an adapter on JSONL, via a server")
-    add_eval_args(evaluate)
-    evaluate.set_defaults(handler=eval_command)
+def configure_eval(parser: argparse.ArgumentParser) -> None:
+    """`adapterd eval`'s, likewise."""
+    add_eval_args(parser)
+    parser.set_defaults(handler=eval_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapterd")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_trainer_command(commands)
-    add_eval_command(commands)
+    configure_trainer(commands.add_parser("trainer"))
+    configure_eval(commands.add_parser("eval"))
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

@@ -22,6 +22,8 @@ METHOD_KINDS = {
 }
 METHODS = tuple(METHOD_KINDS)
 RANKED_METHODS = ("lora", "qlora", "dora")  # the methods `rank` and `alpha` apply to
+MODULE_METHODS = (*RANKED_METHODS, "ia3")  # the methods `target_modules` applies to
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")  # `num_virtual_tokens` applies to
 ALL_LINEAR = tuple(MODULE_GROUPS)  # q, k, v, o, gate, up, down
 # Peak learning rates that work for small data sets; the scale-vector and prompt methods need larger ones.
 DEFAULT_LEARNING_RATE = {
@@ -105,10 +107,18 @@ class JobConfig:
         return type(self)(**{**asdict(self), **updates})
 
     def to_dict(self) -> dict[str, Any]:
+        """The API's config: the fields that apply to the method (a prompt-tuning job has no rank)."""
         values = asdict(self)
         values["target_modules"] = list(self.target_modules)
         values["eval_tasks"] = list(self.eval_tasks)
-        return values
+        unused = {
+            "rank": self.method not in RANKED_METHODS,
+            "alpha": self.method not in RANKED_METHODS,
+            "target_modules": self.method not in MODULE_METHODS,
+            "num_virtual_tokens": self.method not in PROMPT_METHODS,
+            "prompt_tuning_init_text": self.method != "prompt_tuning",
+        }
+        return {name: value for name, value in values.items() if not unused.get(name)}
 
     @property
     def peak_learning_rate(self) -> float:

@@ -21,6 +21,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,7 +33,7 @@ from adapterd.server.trainer.config import JobConfig
 from adapterd.server.trainer.errors import InvalidConfig
 from adapterd.server.trainer.evaluate import evaluate_file
 from adapterd.server.trainer.service import TrainerService
-from adapterd.server.wire.error_bodies import openai_error
+from adapterd.server.wire.error_bodies import openai_error, routing_error
 from adapterd.server.wire.params import parse_json
 from adapterd.server.wire.sse import first_then_rest, sse_response
 
@@ -111,7 +112,11 @@ def build_app(service: TrainerService, keys: ApiKeys) -> Starlette:
             Route("/v1/evaluations", routes.evaluate, methods=["POST"]),
             Route("/health", lambda _: JSONResponse({"status": "ok"}), methods=["GET"]),
         ],
-        exception_handlers={AdapterdError: _error_response, Exception: _internal_error},
+        exception_handlers={
+            AdapterdError: _error_response,
+            HTTPException: _routing_error,
+            Exception: _internal_error,
+        },
     )
 
 
@@ -121,6 +126,12 @@ async def _error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, InvalidConfig):
         body["error"]["param"] = f"config.{exc.field}" if exc.field else "config"
     return JSONResponse(body, status_code=exc.http_status)
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = routing_error(exc, request.method, request.url.path)
+    return JSONResponse(openai_error(error), status_code=error.http_status, headers=exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapterd.server.common.errors import AdapterdError, bounded
+from starlette.exceptions import HTTPException
+
+from adapterd.server.common.errors import AdapterdError, MethodNotAllowed, RouteNotFound, bounded
 
 
 def openai_error(exc: AdapterdError) -> dict[str, Any]:
@@ -23,3 +25,15 @@ def tgi_error(exc: AdapterdError) -> dict[str, str]:
     """TGI's error body; invalid input is TGI's `validation` type, so its clients raise ValidationError."""
     error_type = "validation" if exc.error_type == "invalid_request" else exc.error_type
     return {"error": bounded(str(exc)), "error_type": error_type}
+
+
+def routing_error(exc: HTTPException, method: str, path: str) -> AdapterdError:
+    """Starlette's routing refusals (no such path; not this method) as errors of the one table."""
+    allow = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "?")
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"{path} does not take {method} (it takes {allow})")
+    if exc.status_code == 404:
+        return RouteNotFound(f"no route {method} {path} (GET /openapi.json lists them)")
+    error = AdapterdError(str(exc.detail))
+    error.http_status = exc.status_code
+    return error

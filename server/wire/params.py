@@ -103,9 +103,9 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
     if value is None:
         return default
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise InvalidRequest(f"{name} must be a {_kind_name(kind)}, not a boolean")
+        raise InvalidRequest(f"{name} must be {_kind_name(kind)}, not a boolean")
     if not isinstance(value, kind):
-        raise InvalidRequest(f"{name} must be a {_kind_name(kind)}")
+        raise InvalidRequest(f"{name} must be {_kind_name(kind)}")
     return value
 
 
@@ -114,8 +114,14 @@ def is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+KIND_NAMES = {int: "an integer", str: "a string", bool: "a boolean", dict: "an object", list: "a list"}
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    return "number" if kind == NUMBER else getattr(kind, "__name__", "value")
+    """The JSON kind in words: "an integer", "a number", "a string", ..."""
+    if kind == NUMBER:
+        return "a number"
+    return KIND_NAMES.get(kind, "a value") if isinstance(kind, type) else "a value"
 
 
 def stop_list(value: Any, name: str = "stop") -> tuple[str, ...]:

@@ -331,7 +331,7 @@ def test_lora_job_over_http_after_a_cancelled_one(server: serving.Server, traine
     few = trainer.work_dir / "few.jsonl"  # the base model, from the command line
     few.write_bytes(jsonl([chat(d) for d in HELD_OUT[:8]]))
     cli = subprocess.run(
-        [*EVAL, "--server", server.url, "--data", str(few), "--out", str(few.with_suffix(".out"))],
+        [*EVAL, "--server", server.url, "--data", str(few), "--out", str(few.with_suffix(".out")), "--json"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -36,6 +36,7 @@ from adapterd.adapters.format import (
     validate_adapter_id,
 )
 from adapterd.adapters.io import load_lora_weights, load_prompt_embeddings
+from adapterd.adapters.kinds.common import AdapterProblem, group_key
 
 MAX_RANK = 16
 ATTENTION = ("k_proj", "o_proj", "q_proj", "v_proj")
@@ -114,11 +115,17 @@ def refusal(path: Path, base: BaseModelInfo, max_rank: int = MAX_RANK) -> Adapte
     return info.value
 
 
+def shown(p: AdapterProblem, err: AdapterValidationError) -> bool:
+    """The message names `p`: as it is, or as the first of the same problem in other layers."""
+    alike = [q.message for q in err.problems if group_key(q.message) == group_key(p.message)]
+    return alike[0] in str(err) and (p.message == alike[0] or "more layer" in str(err))
+
+
 def assert_refused(path: Path, base: BaseModelInfo, field: str, *texts: str) -> None:
     err = refusal(path, base)
     problems = [p for p in err.problems if p.field == field]
     assert problems, f"no problem for {field!r} in: {err}"
-    assert all(p.message.startswith(f"{field}: ") and p.message in str(err) for p in problems)
+    assert all(p.message.startswith(f"{field}: ") and shown(p, err) for p in problems)
     for text in texts:
         assert any(text in p.message for p in problems), f"{text!r} not in {problems}"
 
@@ -514,7 +521,7 @@ def test_every_problem_is_reported_at_once(lora_dir: Path, base: BaseModelInfo) 
         "lora_A shape",
     } <= fields
     for problem in err.problems:
-        assert problem.message in str(err)
+        assert shown(problem, err)
     assert f"({len(err.problems)} problems)" in str(err)
 
 
@@ -535,3 +542,44 @@ def test_valid_adapter_ids(adapter_id: str) -> None:
 def test_invalid_adapter_ids(adapter_id: str) -> None:
     with pytest.raises(InvalidAdapterId, match="invalid adapter id"):
         validate_adapter_id(adapter_id)
+
+
+WIDER = LlamaConfig(
+    hidden_size=96,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+)
+
+
+@pytest.mark.parametrize(
+    "config", [lora(target_modules="all-linear"), prompt_tuning()], ids=["lora", "prompt"]
+)
+def test_an_adapter_for_another_base_names_the_cause_first_and_each_problem_once(
+    config: PeftConfig, base: BaseModelInfo, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    get_peft_model(LlamaForCausalLM(WIDER), config).save_pretrained(str(tmp_path))
+    edit_config(tmp_path, base_model_name_or_path="org/wider-model")
+    err = refusal(tmp_path, base)
+    message = str(err)
+    cause = f"adapter refused ({len(err.problems)} problems): base_model: this adapter was made for another base model "
+    assert message.startswith(
+        cause + "(org/wider-model, as its adapter_config.json says), with hidden size 96; "
+    )
+    assert "this server serves tiny-llama, with hidden size 64" in message
+    # Every problem is counted and kept in `problems`; the message shows the same problem in six layers as one
+    # line, and after the cause only a few of them.
+    assert err.problems[0].field == "base_model"
+    if config.peft_type == "LORA":
+        assert len(err.problems) > 6 * 7 and "(and 5 more layers alike)" in message
+        assert "more kinds of problem" in message and len(message) < 1500
+
+
+def test_the_same_problem_in_every_layer_is_one_line(lora_dir: Path, base: BaseModelInfo) -> None:
+    edit_tensors(lora_dir, lambda t: t.update({k: v.to(torch.int8) for k, v in t.items() if "q_proj" in k}))
+    err = refusal(lora_dir, base)
+    assert len(err.problems) == 4 and str(err).count("q_proj.lora_A") == 1  # A and B, in both layers
+    assert "(and 1 more layer alike)" in str(err)
