@@ -1,4 +1,7 @@
-# adapterd on a CUDA GPU. Build: docker build -t adapterd .   Run: docker run --gpus all -p 8080:8080 -p 50051:50051 adapterd
+# adapterd on a CUDA GPU. Build: docker build -t adapterd .
+# Run (the image listens on every interface, so it asks for keys: one `KEY ROLE [TENANT]` line each):
+#   docker run --gpus all -p 8080:8080 -p 50051:50051 -v $PWD/keys:/etc/adapterd/keys:ro adapterd
+# Without keys (a trusted network only): docker run ... adapterd --host 0.0.0.0 --store /home/adapterd/store
 # Two stages on the same CUDA runtime base (so the venv's python matches): the build stage installs the
 # package into /opt/adapterd; the runtime stage copies only that venv and runs as a non-root user.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
@@ -30,4 +33,4 @@ ENV PATH=/opt/adapterd/bin:$PATH \
     ADAPTERD_CACHE=/home/adapterd/.cache/adapterd
 EXPOSE 8080 50051
 ENTRYPOINT ["adapterd", "serve"]
-CMD ["--host", "0.0.0.0", "--store", "/home/adapterd/store"]
+CMD ["--host", "0.0.0.0", "--store", "/home/adapterd/store", "--api-keys", "/etc/adapterd/keys"]

@@ -32,10 +32,11 @@ MAX_SHOWN_WITH_CAUSE = 4  # when the first names the cause, the rest only illust
 
 def group_key(message: str) -> str:
     """The same problem in another layer reads the same: `layers.3.` and `layers.17.` both `layers.*.`."""
-    return LAYER_INDEX.sub("layers.*.", message)
+    return LAYER_NUMBER.sub("layer index *", LAYER_INDEX.sub("layers.*.", message))
 
 
 LAYER_INDEX = re.compile(r"layers\.\d+\.")
+LAYER_NUMBER = re.compile(r"layer index \d+")
 
 
 class AdapterValidationError(ValueError):

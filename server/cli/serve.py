@@ -6,18 +6,24 @@ import argparse
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import uvicorn
 
+from adapterd.server.cli.loading import LoadingGate, LoadingService
 from adapterd.server.cli.run import engine_config
-from adapterd.server.common.auth import ApiKeys
+from adapterd.server.common.auth import ApiKeys, KeyFileError
 from adapterd.server.common.config import ServerConfig, default_cache_dir, serving_cpu_threads
 from adapterd.server.common.protocol import Health
 from adapterd.server.grpc.server import SERVICE_NAMES, start_grpc_server
 from adapterd.server.host.llm import LLM
 from adapterd.server.host.service import Service
-from adapterd.server.http.app import build_app
+from adapterd.server.http.access_log import AccessLog
+from adapterd.server.http.app import build_app, error_body
+from adapterd.server.model.resolve import ModelNotFound
 
 log = logging.getLogger("adapterd")
 EXIT_UNHEALTHY = 3
@@ -38,6 +44,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         replica_name=args.replica_name,
         metrics_tenant_adapters=args.metrics_tenant_adapters,
         trainer_url=args.trainer,
+        access_log=args.access_log,
     )
 
 
@@ -51,55 +58,91 @@ def serve_command(args: argparse.Namespace) -> int:
 
         replica_threads = max(1, int(args.ray_replica_cpus))
         return ray_serve_command(args, load, engine_config(args, cpu_threads=replica_threads), config)
-    keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys.open()
-    llm = LLM(
-        engine=engine_config(args, cpu_threads=serving_cpu_threads()),
-        max_cpu_adapters=config.max_cpu_adapters,
-        **load,
-    )
-    log.info(
-        "model %s loaded (%s on %s); adapter store %s",
-        llm.model_name,
-        llm.placement.quantize,
-        llm.placement.device,
-        store,
-    )
     try:
-        healthy = asyncio.run(serve(Service(llm, config), keys))
-    except OSError as exc:  # a port in use, an address not valid here
+        keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys.open()
+    except (OSError, KeyFileError) as exc:
+        log.error("cannot read --api-keys %s: %s", config.api_keys, exc)
+        return 2
+    loaded: list[LLM] = []
+
+    def load_service() -> Service:
+        started = time.perf_counter()
+        llm = LLM(
+            engine=engine_config(args, cpu_threads=serving_cpu_threads()),
+            max_cpu_adapters=config.max_cpu_adapters,
+            **load,
+        )
+        loaded.append(llm)
+        log.info(
+            "ready: model %s (%s on %s) loaded in %.1f s; adapter store %s",
+            llm.model_name,
+            llm.placement.quantize,
+            llm.placement.device,
+            time.perf_counter() - started,
+            store,
+        )
+        return Service(llm, config)
+
+    try:
+        healthy = asyncio.run(serve_while_loading(config, keys, load_service, f"the model {args.model!r}"))
+    except OSError as exc:  # a port in use, an address not valid here, a model that cannot be read
         log.error("%s", exc)
         return 2
+    except ModelNotFound as exc:
+        log.error("cannot load the model: %s", exc)
+        return 2
     finally:
-        llm.close()
+        for llm in loaded:
+            llm.close()
+    log.info("stopped")
     return 0 if healthy else EXIT_UNHEALTHY
 
 
 async def serve(service: Service, keys: ApiKeys) -> bool:
-    """Serve until SIGINT / SIGTERM (or, with --exit-when-unhealthy, until the engine is unhealthy); whether
-    the engine was healthy at the end."""
-    config = service.config
-    app = build_app(service, keys)
+    """Serve an already loaded `service` until SIGINT / SIGTERM (see `serve_while_loading`)."""
+    return await serve_while_loading(service.config, keys, lambda: service, "the model")
+
+
+async def serve_while_loading(
+    config: ServerConfig, keys: ApiKeys, load: Callable[[], Service], what: str
+) -> bool:
+    """Listen at once (answering "loading" until `load`, run in a thread, has made the service), then serve
+    until SIGINT / SIGTERM (or, with --exit-when-unhealthy, until the engine is unhealthy); whether the
+    engine was healthy at the end."""
+    gate = LoadingGate(what, error_body)
     http = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.http_port,
-            log_level="warning",
-            lifespan="off",
-        )
+        uvicorn.Config(gate, host=config.host, port=config.http_port, log_level="warning", lifespan="off")
     )
-    grpc_server = await start_grpc_server(service, keys, f"{config.host}:{config.grpc_port}")
+    http_task = asyncio.create_task(http.serve())
+    while not http.started:  # bound, or failed to bind (uvicorn logs why and exits its task)
+        if http_task.done():
+            raise OSError(f"cannot serve HTTP on {config.host}:{config.http_port} (see above)")
+        await asyncio.sleep(0.02)
+    stand_in = LoadingService(config, what)
+    address = f"{config.host}:{config.grpc_port}"
+    grpc_server = await start_grpc_server(cast(Service, stand_in), keys, address, serving=False)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    http_task = asyncio.create_task(http.serve())
     log.info(
-        "serving HTTP on %s:%d and gRPC on %s:%d",
+        "listening on HTTP %s:%d and gRPC %s:%d; loading %s (requests answer 503 / UNAVAILABLE until ready)",
         config.host,
         config.http_port,
         config.host,
         config.grpc_port,
+        what,
     )
+    try:
+        service = await asyncio.to_thread(load)
+    except BaseException:
+        http.should_exit = True
+        await http_task
+        await grpc_server.stop(grace=0)
+        raise
+    app = build_app(service, keys)
+    stand_in.ready(service)
+    gate.ready(AccessLog(app) if config.access_log else app)
+    await grpc_server.set_serving(True, SERVICE_NAMES)
 
     async def on_health(health: Health) -> None:
         await grpc_server.set_serving(health.ok, SERVICE_NAMES)
@@ -110,6 +153,7 @@ async def serve(service: Service, keys: ApiKeys) -> bool:
 
     watcher = asyncio.create_task(service.watch_health(on_health))
     await asyncio.wait([http_task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping: finishing the requests in flight")
     service.draining = True
     watcher.cancel()
     http.should_exit = True
@@ -146,6 +190,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="an adapterd trainer's HTTP URL: its /v1/training and /v1/evaluations routes are served here "
         "too (the console's Training page)",
+    )
+    parser.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="log no line per HTTP request (default: one line each, without query strings or bodies)",
     )
     parser.add_argument(
         "--exit-when-unhealthy",

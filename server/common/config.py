@@ -136,6 +136,7 @@ class ServerConfig:
     replica_name: str = ""  # names this server in the X-Adapterd-Replica header and /metrics
     metrics_tenant_adapters: bool = False  # name tenant adapters in the gateway's series of /metrics
     trainer_url: str | None = None  # the trainer whose routes this server forwards (the console's Training)
+    access_log: bool = True  # one log line per HTTP request (adapterd.access)
 
     def store_dir(self, cache_dir: Path) -> Path:
         return self.store or cache_dir / "store"

@@ -17,11 +17,14 @@ SERVICE_NAMES = (
 )
 
 
-async def start_grpc_server(service: Service, keys: ApiKeys, address: str) -> GrpcServer:
-    """Serve Generation, Adapters, health and reflection on `address` ("host:port")."""
+async def start_grpc_server(
+    service: Service, keys: ApiKeys, address: str, serving: bool = True
+) -> GrpcServer:
+    """Serve Generation, Adapters, health and reflection on `address` ("host:port"); health reports
+    `serving` (NOT_SERVING while the model loads)."""
 
     def add_servicers(server: grpc.aio.Server) -> None:
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(service, keys), server)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(service, keys), server)
 
-    return await start_server(address, add_servicers, SERVICE_NAMES)
+    return await start_server(address, add_servicers, SERVICE_NAMES, serving)

@@ -33,12 +33,16 @@ SOURCE = Path(__file__).with_name("cpu_lora.cpp")
 @functools.cache
 def kernel() -> Any | None:
     """The built extension, or None when it cannot be built here."""
-    log.info("loading the CPU LoRA kernel (built once per machine on first use: about 20 s)")
+    name = f"adapterd_cpu_lora_{_cpu_tag()}"  # -march=native: one build per kind of CPU
+    if _is_built(name):
+        log.info("CPU LoRA kernel: the cached build")
+    else:
+        log.info("building the CPU LoRA kernel once for this machine (about 20 s with g++)")
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            f"adapterd_cpu_lora_{_cpu_tag()}",  # -march=native: one build per kind of CPU
+            name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
@@ -46,6 +50,16 @@ def kernel() -> Any | None:
     except Exception as error:  # no compiler, no ninja, a failed build: the torch ops still work
         log.warning("the CPU LoRA kernel could not be built, decode LoRA runs on embedding_bag: %s", error)
         return None
+
+
+def _is_built(name: str) -> bool:
+    """Whether torch's extension cache already holds this kernel's build (then loading takes a moment)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
+    except Exception:  # a private torch function: if it moves, only the log line is less precise
+        return False
 
 
 def add_lora_(y: torch.Tensor, x: torch.Tensor, rows: StackRows, lora: LoraBatch) -> torch.Tensor:

@@ -38,9 +38,9 @@ def add_trainer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server-api-key", default=env_api_key(), help="admin key (default: $ADAPTERD_API_KEY)"
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--http-port", type=int, default=8081)
-    parser.add_argument("--grpc-port", type=int, default=50052)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind HTTP and gRPC to")
+    parser.add_argument("--http-port", type=int, default=8081, help="HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=50052, help="gRPC port")
     parser.add_argument("--work-dir", type=Path, help="jobs and their files (default: <cache>/trainer)")
     parser.add_argument("--model", default="default", help="the server's base model: default | PATH | HUB_ID")
     parser.add_argument(

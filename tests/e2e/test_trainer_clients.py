@@ -149,6 +149,11 @@ def test_train_commands(server: serving.Server, trainer: Trainer, tmp_path: Path
     details = dict(line.split(None, 1) for line in out.splitlines()[len(bars) :])
     assert details["status"] == "succeeded" and details["adapter_id"] == "cli-lora"
     assert details["metrics.adapter"].startswith("exact_match ")
+    # One field a line (not a long JSON line); counts as the integers they are.
+    assert details["config.rank"] == "4" and details["config.method"] == "lora"
+    assert details["adapter.id"] == "cli-lora" and details["adapter.version"] == "1"
+    assert f"num_examples {len(EVAL_RECORDS)}" in details["metrics.adapter"]
+    assert details["loss_curve"].endswith("points (the JSON job has them)")
 
     # list: a table with the job; status --json: the job.
     rows = table(succeeds("train", "list", "--url", trainer.url))
