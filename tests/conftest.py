@@ -73,4 +73,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not interpreted():
         config.hook.pytest_deselected(items=marked)
         items[:] = [item for item in items if not item.get_closest_marker("triton_interpreter")]
-

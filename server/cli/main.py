@@ -180,13 +180,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(args, "handler"):
         return run_handler(args)
     if args.command in ("run", "serve"):
-        try:
-            from adapterd.server.cli.run import run_command
-            from adapterd.server.cli.serve import serve_command
+        try:  # only the command's own module: `serve` binds its port before the engine's imports
+            if args.command == "run":
+                from adapterd.server.cli.run import run_command as command
+            else:
+                from adapterd.server.cli.serve import serve_command as command
         except ImportError as exc:
             print(f"adapterd: {SERVER_EXTRA_HINT} ({exc})", file=sys.stderr)
             return 2
-        return run_command(args) if args.command == "run" else serve_command(args)
+        return command(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -9,23 +9,25 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+# Light imports only: the HTTP port is bound before torch, transformers and the engine are imported (seconds).
 from adapterd.server.cli.loading import LoadingGate, LoadingService
-from adapterd.server.cli.run import engine_config
 from adapterd.server.common.auth import ApiKeys, KeyFileError
 from adapterd.server.common.config import ServerConfig, default_cache_dir, serving_cpu_threads
 from adapterd.server.common.protocol import Health
-from adapterd.server.grpc.server import SERVICE_NAMES, start_grpc_server
-from adapterd.server.host.llm import LLM
-from adapterd.server.host.service import Service
 from adapterd.server.http.access_log import AccessLog
-from adapterd.server.http.app import build_app, error_body
 from adapterd.server.model.resolve import ModelNotFound
+from adapterd.server.wire.error_bodies import error_body
+
+if TYPE_CHECKING:
+    from adapterd.server.host.llm import LLM
+    from adapterd.server.host.service import Service
 
 log = logging.getLogger("adapterd")
+STARTED = time.perf_counter()  # the server's start, nearly: this module is imported first
 EXIT_UNHEALTHY = 3
 
 
@@ -55,6 +57,7 @@ def serve_command(args: argparse.Namespace) -> int:
     load = {"model": args.model, "quantize": args.quantize, "device": args.device, "store": store}
     if args.ray:
         from adapterd.server.cli.ray_serve import ray_serve_command
+        from adapterd.server.cli.run import engine_config
 
         replica_threads = max(1, int(args.ray_replica_cpus))
         return ray_serve_command(args, load, engine_config(args, cpu_threads=replica_threads), config)
@@ -67,6 +70,10 @@ def serve_command(args: argparse.Namespace) -> int:
 
     def load_service() -> Service:
         started = time.perf_counter()
+        from adapterd.server.cli.run import engine_config
+        from adapterd.server.host.llm import LLM
+        from adapterd.server.host.service import Service
+
         llm = LLM(
             engine=engine_config(args, cpu_threads=serving_cpu_threads()),
             max_cpu_adapters=config.max_cpu_adapters,
@@ -74,11 +81,12 @@ def serve_command(args: argparse.Namespace) -> int:
         )
         loaded.append(llm)
         log.info(
-            "ready: model %s (%s on %s) loaded in %.1f s; adapter store %s",
+            "ready: model %s (%s on %s) loaded in %.1f s, %.1f s after start; adapter store %s",
             llm.model_name,
             llm.placement.quantize,
             llm.placement.device,
             time.perf_counter() - started,
+            time.perf_counter() - STARTED,
             store,
         )
         return Service(llm, config)
@@ -118,20 +126,20 @@ async def serve_while_loading(
         if http_task.done():
             raise OSError(f"cannot serve HTTP on {config.host}:{config.http_port} (see above)")
         await asyncio.sleep(0.02)
-    stand_in = LoadingService(config, what)
+    log.info(
+        "HTTP listening on %s:%d; loading %s (requests answer 503 / UNAVAILABLE until it is ready)",
+        config.host,
+        config.http_port,
+        what,
+    )
+    grpc = await asyncio.to_thread(_import_the_rest)  # HTTP answers "loading" meanwhile
+    stand_in: Any = LoadingService(config, what)
     address = f"{config.host}:{config.grpc_port}"
-    grpc_server = await start_grpc_server(cast(Service, stand_in), keys, address, serving=False)
+    grpc_server = await grpc.start_grpc_server(stand_in, keys, address, serving=False)
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-    log.info(
-        "listening on HTTP %s:%d and gRPC %s:%d; loading %s (requests answer 503 / UNAVAILABLE until ready)",
-        config.host,
-        config.http_port,
-        config.host,
-        config.grpc_port,
-        what,
-    )
+    log.info("gRPC listening on %s:%d", config.host, config.grpc_port)
     try:
         service = await asyncio.to_thread(load)
     except BaseException:
@@ -139,13 +147,15 @@ async def serve_while_loading(
         await http_task
         await grpc_server.stop(grace=0)
         raise
+    from adapterd.server.http.app import build_app
+
     app = build_app(service, keys)
     stand_in.ready(service)
     gate.ready(AccessLog(app) if config.access_log else app)
-    await grpc_server.set_serving(True, SERVICE_NAMES)
+    await grpc_server.set_serving(True, grpc.SERVICE_NAMES)
 
     async def on_health(health: Health) -> None:
-        await grpc_server.set_serving(health.ok, SERVICE_NAMES)
+        await grpc_server.set_serving(health.ok, grpc.SERVICE_NAMES)
         if not health.ok:
             log.error("the engine is unhealthy: %s", health.reason)
             if config.exit_when_unhealthy:
@@ -162,6 +172,13 @@ async def serve_while_loading(
     if app.state.trainer is not None:
         await app.state.trainer.close()
     return service.health().ok or not config.exit_when_unhealthy
+
+
+def _import_the_rest() -> Any:
+    """The gRPC servers' module, and with it the engine's (torch, transformers): seconds of imports."""
+    from adapterd.server.grpc import server
+
+    return server
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:

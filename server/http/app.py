@@ -26,10 +26,8 @@ from adapterd.server.http.openai import OpenAIRoutes
 from adapterd.server.http.openapi import openapi_document
 from adapterd.server.http.tokenize import TokenizeRoutes
 from adapterd.server.http.trainer_proxy import TrainerProxy
-from adapterd.server.wire.error_bodies import openai_error, routing_error, tgi_error
+from adapterd.server.wire.error_bodies import error_body, routing_error
 
-TGI_PATHS = ("/", "/generate", "/generate_stream")
-TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path
 OPEN_PATHS = frozenset({"/health", "/ready", "/info", "/metrics", "/openapi.json"})  # no key needed
 
 
@@ -154,11 +152,6 @@ def health_response(health: Health) -> Response:
     if health.ok:
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "unhealthy", "reason": health.reason}, status_code=503)
-
-
-def error_body(path: str, exc: AdapterdError) -> dict[str, Any]:
-    """LoRAX/TGI routes answer {error, error_type}; every other route the OpenAI shape."""
-    return tgi_error(exc) if path in TGI_PATHS or path.startswith(TGI_BY_ADAPTER) else openai_error(exc)
 
 
 async def _error_response(request: Request, exc: Exception) -> Response:

@@ -8,6 +8,14 @@ from starlette.exceptions import HTTPException
 
 from adapterd.server.common.errors import AdapterdError, MethodNotAllowed, RouteNotFound, bounded
 
+TGI_PATHS = ("/", "/generate", "/generate_stream")
+TGI_BY_ADAPTER = "/models/"  # the TGI routes with the adapter in the path
+
+
+def error_body(path: str, exc: AdapterdError) -> dict[str, Any]:
+    """The server's routes: LoRAX/TGI routes answer {error, error_type}; every other route the OpenAI shape."""
+    return tgi_error(exc) if path in TGI_PATHS or path.startswith(TGI_BY_ADAPTER) else openai_error(exc)
+
 
 def openai_error(exc: AdapterdError) -> dict[str, Any]:
     param = getattr(exc, "param", None)
