@@ -37,7 +37,7 @@ def kernel() -> Any | None:
     if _is_built(name):
         log.info("CPU LoRA kernel: the cached build")
     else:
-        log.info("building the CPU LoRA kernel once for this machine (about 20 s with g++)")
+        log.info("building the CPU LoRA kernel once for this machine (about 40 s on 2 cores, with g++)")
     try:
         from torch.utils.cpp_extension import load
 
