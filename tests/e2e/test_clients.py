@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -364,8 +365,24 @@ def test_invalid_adapters_are_invalid_request(
     )
     with raises(InvalidRequest, "DoRA magnitude vector"):  # a DoRA config over LoRA-only weights
         call(kind, server, "upload_adapter", "dora", dora)
-    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
+    with pytest.raises(FileNotFoundError, match=r"nothing-here: no such file or directory"):
         call(kind, server, "upload_adapter", "missing", tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"not a PEFT adapter directory: adapter_config\.json is missing"
+    ):
+        call(kind, server, "upload_adapter", "missing", tmp_path / "empty")
+    archive = tmp_path / "lora.tar"  # a tar archive of the directory, on every transport
+    with tarfile.open(archive, "w") as tar:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tar.add(adapter_dirs["lora"] / name, arcname=name)
+    uploaded = call(kind, server, "upload_adapter", f"from-tar-{kind}", archive)
+    assert (
+        uploaded.sha256
+        == call(kind, server, "upload_adapter", f"from-dir-{kind}", adapter_dirs["lora"]).sha256
+    )
+    for made in (f"from-tar-{kind}", f"from-dir-{kind}"):  # the module's server lists lora and soft only
+        call(kind, server, "delete_adapter", made)
 
 
 @pytest.mark.parametrize("kind", KINDS)
