@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 
 from adapterd.adapters.store import AdapterStore
 from adapterd.server.common.auth import ApiKeys
+from adapterd.server.common.config import ServerConfig
 from adapterd.server.http import adapters as routes
 from adapterd.server.http.app import build_app
 
@@ -27,7 +28,7 @@ class FakeService:
 
     def __init__(self, root: Path) -> None:
         self.llm = SimpleNamespace(adapters=SimpleNamespace(store=AdapterStore(root)))
-        self.config = SimpleNamespace(max_upload_bytes=1 << 20, replica="test")
+        self.config = ServerConfig(max_upload_bytes=1 << 20, replica_name="test")
         self.loop_thread: int | None = None
         self.uploaded: list[str] = []
 
