@@ -4,7 +4,6 @@ health NOT_SERVING, so a client sees "loading", not "connection refused", and a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -12,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapterd.server.common.config import ServerConfig
 from adapterd.server.common.errors import EngineStopped
+from adapterd.server.wire.error_bodies import error_body
 
 RETRY_AFTER_S = 5
 
@@ -42,9 +42,8 @@ class LoadingService:
 class LoadingGate:
     """The HTTP app until the real one exists (`ready`), then a pass-through to it."""
 
-    def __init__(self, what: str, error_body: Callable[[str, EngineStopped], dict[str, Any]]) -> None:
+    def __init__(self, what: str) -> None:
         self.what = what
-        self.error_body = error_body
         self.app: ASGIApp | None = None
 
     def ready(self, app: ASGIApp) -> None:
@@ -61,6 +60,6 @@ class LoadingGate:
         if path in ("/health", "/ready"):
             body: dict[str, Any] = {"status": "loading", "reason": str(error)}
         else:
-            body = self.error_body(path, error)
+            body = error_body(path, error)
         headers = {"retry-after": str(RETRY_AFTER_S)}
         await JSONResponse(body, status_code=error.http_status, headers=headers)(scope, receive, send)

@@ -118,6 +118,14 @@ class DefaultsShown(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: its --help shows its options' defaults (unless the command formats its own)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(**kwargs)
+
+
 TRAINER_HELP = "the training service: jobs that train, evaluate and register adapters (HTTP and gRPC)"
 EVAL_HELP = "score the base model and adapters: lm-eval tasks (--tasks) or a held-out JSONL file (--data)"
 
@@ -127,8 +135,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     import torch, so they are added only for that command (the others are listed, for --help), and client
     commands start fast."""
     parser = argparse.ArgumentParser(prog="adapterd", description="adapter model server")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands._parser_class = _with_defaults_shown(commands._parser_class)  # every command's --help
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     run = commands.add_parser("run", help="offline batch inference over JSONL")
     run.add_argument("--in", dest="input", type=Path, required=True, help="requests.jsonl")
     run.add_argument("--out", dest="output", type=Path, required=True, help="results.jsonl")
@@ -146,14 +153,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_client_commands(commands)
     add_train_commands(commands)
     return parser
-
-
-def _with_defaults_shown(parser_class: Any) -> Any:
-    def make(**kwargs: Any) -> Any:
-        kwargs.setdefault("formatter_class", DefaultsShown)
-        return parser_class(**kwargs)
-
-    return make
 
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterd.server.common.config import default_cache_dir
+from adapterd.server.common.errors import CommandFailed
 from adapterd.server.model.resolve import (
     DEFAULT_MODEL_GGUF,
     DEFAULT_MODEL_NAME,
@@ -51,7 +52,7 @@ def model_command(args: argparse.Namespace) -> int:
     try:
         resolved = resolve_model(args.model, default_cache_dir())
     except ModelNotFound as exc:
-        raise OSError(str(exc)) from exc  # one line on stderr, exit status 1 (main.run_handler)
+        raise CommandFailed(str(exc)) from exc  # one line on stderr, exit status 1 (main.run_handler)
     if args.model_command == "path":
         print(resolved.path)
     elif args.model_command == "info":

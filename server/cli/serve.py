@@ -20,7 +20,6 @@ from adapterd.server.common.config import ServerConfig, default_cache_dir, servi
 from adapterd.server.common.protocol import Health
 from adapterd.server.http.access_log import AccessLog
 from adapterd.server.model.resolve import ModelNotFound
-from adapterd.server.wire.error_bodies import error_body
 
 if TYPE_CHECKING:
     from adapterd.server.host.llm import LLM
@@ -117,7 +116,7 @@ async def serve_while_loading(
     """Listen at once (answering "loading" until `load`, run in a thread, has made the service), then serve
     until SIGINT / SIGTERM (or, with --exit-when-unhealthy, until the engine is unhealthy); whether the
     engine was healthy at the end."""
-    gate = LoadingGate(what, error_body)
+    gate = LoadingGate(what)
     http = uvicorn.Server(
         uvicorn.Config(gate, host=config.host, port=config.http_port, log_level="warning", lifespan="off")
     )

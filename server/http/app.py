@@ -11,7 +11,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapterd.server.common.auth import ApiKeys, Principal
 from adapterd.server.common.config import REPLICA_HEADER
@@ -22,6 +22,7 @@ from adapterd.server.http.adapters import AdapterRoutes
 from adapterd.server.http.console import console_routes, is_console_path
 from adapterd.server.http.disconnect import ClientDisconnected
 from adapterd.server.http.generate import GenerateRoutes
+from adapterd.server.http.headers import WithHeaders
 from adapterd.server.http.openai import OpenAIRoutes
 from adapterd.server.http.openapi import openapi_document
 from adapterd.server.http.tokenize import TokenizeRoutes
@@ -100,32 +101,13 @@ def build_app(service: Service, keys: ApiKeys) -> Starlette:
         Exception: _internal_error,
     }
     middleware = [
-        Middleware(NameTheReplica, name=service.config.replica),
+        # Every answer names the replica that gave it, so an operator behind a router sees where it went.
+        Middleware(WithHeaders, headers={REPLICA_HEADER: service.config.replica}),
         Middleware(AuthenticateFirst, keys=keys),
     ]
     app = Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
     app.state.trainer = trainer  # closed by the server on shutdown
     return app
-
-
-class NameTheReplica:
-    """Every answer names the replica that gave it (X-Adapterd-Replica), so an operator behind a router can
-    see where each request went."""
-
-    def __init__(self, app: ASGIApp, name: str) -> None:
-        self.app, self.header = app, (REPLICA_HEADER.encode(), name.encode("latin-1", "replace"))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def named(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), self.header]}
-            await send(message)
-
-        await self.app(scope, receive, named)
 
 
 class AuthenticateFirst:

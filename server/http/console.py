@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapterd.server.http.headers import WithHeaders
 
 CONSOLE_DIR = Path(__file__).with_name("ui")  # the files, as the browser asks for them
 CONSOLE_PREFIX = "/ui"
@@ -33,19 +34,5 @@ def console_routes() -> list[BaseRoute]:
     async def index(_: Request) -> FileResponse:
         return FileResponse(CONSOLE_DIR / "index.html", headers=SECURITY_HEADERS)
 
-    files = WithSecurityHeaders(StaticFiles(directory=CONSOLE_DIR, html=True))
+    files = WithHeaders(StaticFiles(directory=CONSOLE_DIR, html=True), SECURITY_HEADERS)
     return [Route(CONSOLE_PREFIX, index, methods=["GET"]), Mount(CONSOLE_PREFIX, app=files)]
-
-
-class WithSecurityHeaders:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.headers = [(k.encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *self.headers]}
-            await send(message)
-
-        await self.app(scope, receive, with_headers)

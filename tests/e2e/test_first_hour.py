@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from adapterd.server.cli.main import build_parser
 from adapterd.server.model.resolve import ResolvedModel
 from adapterd.v1 import generation_pb2, generation_pb2_grpc
-from tests.e2e.serving import ADAPTERD, Server, free_port, make_tiny_chat_model, running_server, wait_healthy
+from tests.e2e.serving import ADAPTERD, Server, free_port, wait_healthy
 from tests.reference import make_lora_adapter
 
 EXIT_BROKEN_PIPE = 141
@@ -34,15 +33,10 @@ def adapterd(*args: str, timeout: float = 300, **kwargs: object) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def tiny_model(default_model: ResolvedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_chat_model(tmp_path_factory.mktemp("first-hour-model"), default_model.path)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("first-hour")
-    with running_server(tiny_model, root / "store", root / "server.log") as running:
-        yield running
+def server(compat_server: Server) -> Server:
+    """The session's shared server (a tiny model with the default model's tokenizer): these tests change
+    nothing on it."""
+    return compat_server
 
 
 # -- start-up ------------------------------------------------------------------------------------------------

@@ -27,6 +27,18 @@ export function table(columns, rows) {
   );
 }
 
+// A form's filled-in number fields: `integers` parsed as integers, `numbers` as floats; empty ones left out.
+export function formNumbers(form, integers, numbers) {
+  const sent = {};
+  for (const [names, parse] of [[integers, (v) => parseInt(v, 10)], [numbers, parseFloat]]) {
+    for (const name of names) {
+      const value = form.elements[name].value.trim();
+      if (value !== "") sent[name] = parse(value);
+    }
+  }
+  return sent;
+}
+
 export function bytes(n) {
   if (typeof n !== "number") return "-";
   const units = ["B", "KB", "MB", "GB"];

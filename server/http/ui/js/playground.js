@@ -3,7 +3,7 @@
 // probability and its alternatives named on hover.
 
 import { streamEvents } from "./api.js";
-import { el } from "./dom.js";
+import { el, formNumbers } from "./dom.js";
 
 const MAX_ADAPTERS = 4;
 const TOP = 5;
@@ -36,11 +36,8 @@ function limit() {
 }
 
 function params(form) {
-  const value = (name) => form.elements[name].value.trim();
-  const sent = {};
-  for (const name of ["max_tokens", "top_k", "seed"]) if (value(name) !== "") sent[name] = parseInt(value(name), 10);
-  for (const name of ["temperature", "top_p", "repetition_penalty"]) if (value(name) !== "") sent[name] = parseFloat(value(name));
-  const stop = value("stop");
+  const sent = formNumbers(form, ["max_tokens", "top_k", "seed"], ["temperature", "top_p", "repetition_penalty"]);
+  const stop = form.elements.stop.value.trim();
   if (stop) sent.stop = stop.split(",").map((s) => s.trim()).filter(Boolean);
   return sent;
 }

@@ -4,7 +4,7 @@
 import { get, request, streamEvents } from "./api.js";
 import { scoresTable } from "./adapters.js";
 import { lineChart } from "./charts.js";
-import { el, fill, when } from "./dom.js";
+import { el, fill, formNumbers, when } from "./dom.js";
 
 const $ = (id) => document.getElementById(id);
 const INTEGERS = ["rank", "num_virtual_tokens", "epochs", "max_steps", "batch_size", "max_seq_len", "seed"];
@@ -28,9 +28,7 @@ export function enabled(on) {
 
 function config(form) {
   const value = (name) => form.elements[name].value.trim();
-  const sent = { adapter_id: value("adapter_id"), method: value("method") };
-  for (const name of INTEGERS) if (value(name) !== "") sent[name] = parseInt(value(name), 10);
-  for (const name of NUMBERS) if (value(name) !== "") sent[name] = parseFloat(value(name));
+  const sent = { adapter_id: value("adapter_id"), method: value("method"), ...formNumbers(form, INTEGERS, NUMBERS) };
   const modules = value("target_modules");
   if (modules) sent.target_modules = modules === "all-linear" ? modules : modules.split(",").map((m) => m.trim());
   return sent;
