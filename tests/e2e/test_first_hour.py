@@ -231,3 +231,14 @@ def test_an_adapter_for_another_base_is_refused_with_the_cause_first(
     problems = int(re.search(r"adapter refused \((\d+) problems\)", line).group(1))  # type: ignore[union-attr]
     assert problems > 30 * 7 and len(line) < 2000  # hundreds of problems, a readable line
     assert httpx.get(f"{server.url}/v1/adapters/other-base").status_code == 404
+
+
+def test_an_unreadable_keys_file_is_one_line_before_anything_loads(tmp_path: Path) -> None:
+    bad = tmp_path / "keys"
+    bad.write_text("only-a-key\n")
+    for keys, reason in ((tmp_path / "missing", "No such file"), (bad, "expected 'KEY ROLE [TENANT]'")):
+        done = adapterd("serve", "--api-keys", str(keys), "--http-port", str(free_port()), timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        [line] = [line for line in done.stderr.splitlines() if "ERROR" in line]
+        assert f"cannot read --api-keys {keys}" in line and reason in line
+        assert "listening" not in done.stderr  # refused before binding or loading anything
