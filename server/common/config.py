@@ -24,6 +24,18 @@ def lora_kernel_from_env() -> str:
     return LORA_KERNELS[value]
 
 
+NF4_KERNELS = ("bitsandbytes", "triton")
+
+
+def nf4_kernel_from_env() -> str:
+    """$ADAPTERD_NF4_KERNEL: bitsandbytes (the default) or triton (server/model/triton_nf4.py: NF4 linears of
+    two rows or more through the fused dequantize-and-multiply kernel; CUDA only)."""
+    value = os.environ.get("ADAPTERD_NF4_KERNEL", "").strip().lower() or "bitsandbytes"
+    if value not in NF4_KERNELS:
+        raise ValueError(f"ADAPTERD_NF4_KERNEL must be bitsandbytes or triton, not {value!r}")
+    return value
+
+
 def default_cache_dir() -> Path:
     """Where converted models are cached: $ADAPTERD_CACHE, else ~/.cache/adapterd."""
     env = os.environ.get("ADAPTERD_CACHE")
@@ -38,6 +50,7 @@ class ModelConfig:
     quantize: Quantize = "auto"
     device: Device = "auto"
     cache_dir: Path | None = None
+    nf4_kernel: str = field(default_factory=nf4_kernel_from_env)  # "bitsandbytes" or "triton"
 
     @property
     def resolved_cache_dir(self) -> Path:

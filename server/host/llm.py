@@ -69,7 +69,9 @@ class LLM:
         self.engine_config = engine or EngineConfig()
         resolved = resolve_model(model_config.model, model_config.resolved_cache_dir)
         self.model_name = resolved.name
-        self.placement = Placement.resolve(model_config.device, model_config.quantize)
+        self.placement = Placement.resolve(
+            model_config.device, model_config.quantize, model_config.nf4_kernel
+        )
         self.model = load_model(resolved.path, self.placement)
         self.tokenizer = load_tokenizer(resolved.path)
         self.base = BaseModelInfo.from_hf_config(self.model.config, resolved.name)

@@ -32,9 +32,10 @@ class Placement:
     device: torch.device
     quantize: RealQuantize
     dtype: torch.dtype  # activations, unquantized weights, KV cache and adapters
+    nf4_kernel: str = "bitsandbytes"  # or "triton": NF4 products of >= 2 rows through triton_nf4
 
     @classmethod
-    def resolve(cls, device: str, quantize: str) -> Placement:
+    def resolve(cls, device: str, quantize: str, nf4_kernel: str = "bitsandbytes") -> Placement:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -43,8 +44,22 @@ class Placement:
             quantize = "nf4" if device == "cuda" else "none"
         if quantize not in ("nf4", "int8", "none"):
             raise ValueError(f"--quantize must be auto, nf4, int8 or none, not {quantize!r}")
+        if nf4_kernel == "triton" and quantize == "nf4":
+            _check_fused_nf4(device)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        return cls(torch.device(device), quantize, dtype)
+        return cls(torch.device(device), quantize, dtype, nf4_kernel)
+
+
+def _check_fused_nf4(device: str) -> None:
+    from adapterd.server.model import triton_nf4
+    from adapterd.server.model.triton_lora import triton_available
+
+    if not triton_available():
+        raise ValueError("ADAPTERD_NF4_KERNEL=triton needs Triton installed (pip install triton)")
+    if device != "cuda" and not triton_nf4.interpreted():
+        raise ValueError(
+            "ADAPTERD_NF4_KERNEL=triton needs a CUDA device (or Triton's interpreter, for tests)"
+        )
 
 
 def load_config(path: Path) -> Any:
@@ -108,7 +123,10 @@ def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, placement:
 
     module: nn.Module
     if placement.quantize == "nf4":
-        module = bnb.nn.Linear4bit(
+        linear4bit = bnb.nn.Linear4bit
+        if placement.nf4_kernel == "triton":
+            from adapterd.server.model.nf4_linear import FusedLinear4bit as linear4bit
+        module = linear4bit(
             fan_in,
             fan_out,
             bias=bias is not None,
@@ -127,7 +145,11 @@ def make_base_linear(weight: torch.Tensor, bias: torch.Tensor | None, placement:
         module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     if bias is not None:
         module.bias = nn.Parameter(bias.to(placement.dtype), requires_grad=False)
-    return module.to(placement.device)  # bitsandbytes quantizes when the weight is placed
+    module = module.to(placement.device)  # bitsandbytes quantizes when the weight is placed
+    prepare_fused = getattr(module, "prepare_fused", None)  # FusedLinear4bit: the kernel's operands, once
+    if prepare_fused is not None:
+        prepare_fused()
+    return module
 
 
 def _load_dense(
