@@ -139,11 +139,11 @@ class Server:
 
     @property
     def num_slot_loads(self) -> int:
-        return self.engine.adapters.lora.num_loads
+        return self.engine.adapters.num_loads
 
     @property
     def num_slot_evictions(self) -> int:
-        return self.engine.adapters.lora.num_evictions
+        return self.engine.adapters.num_evictions
 
 
 def copies(adapters: list[LoadedAdapter], count: int, prefix: str) -> list[LoadedAdapter]:
