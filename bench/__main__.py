@@ -18,6 +18,8 @@ from adapterd.server.model.loader import Placement
 from . import report
 from .checks import run_checks
 from .models import Models, build_random, load_default
+from .nf4_kernel import nf4_linears
+from .nf4_kernel import table as nf4_table
 from .run import Bench, engine_config
 from .settings import CPU, GPU, GPU_TINY, Settings, llama31_8b_config, tiny_config
 
@@ -31,6 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, help="generated tokens per row")
     parser.add_argument("--peft-mixed-new-tokens", type=int, help="generated tokens per row, PEFT mixed")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--nf4-kernel",
+        choices=("bitsandbytes", "triton"),
+        default="bitsandbytes",
+        help="the base's NF4 products (gpu mode): bitsandbytes' or the fused Triton kernel (ADAPTERD_NF4_KERNEL)",
+    )
     return parser.parse_args(argv)
 
 
@@ -41,13 +49,13 @@ def pick_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def load_models(settings: Settings) -> Models:
+def load_models(settings: Settings, nf4_kernel: str = "bitsandbytes") -> Models:
     if settings.mode == "cpu":
         return load_default()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if settings.mode == "gpu" and device != "cuda":
         raise SystemExit("--mode gpu needs a CUDA device; use --mode gpu --tiny to try it on a CPU")
-    placement = Placement.resolve(device, "nf4")
+    placement = Placement.resolve(device, "nf4", nf4_kernel if device == "cuda" else "bitsandbytes")
     if settings.mode == "gpu":
         return build_random(llama31_8b_config(), "Llama-3.1-8B-shape-random", placement, settings.seed)
     return build_random(tiny_config(), "tiny-llama-random", placement, settings.seed)
@@ -61,13 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(__file__).parent / f"results-{settings.mode}.json"
     started = time.perf_counter()
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    linears = nf4_linears() if settings.mode == "gpu" and torch.cuda.is_available() else None
+    if linears:
+        log("\n".join(["one NF4 linear, three ways:", *nf4_table(linears)]))
     log(f"bench {settings.mode}: loading the model")
-    models = load_models(settings)
+    models = load_models(settings, args.nf4_kernel)
     results: dict[str, Any] = {
         "settings": asdict(settings),
         "engine_config": asdict(engine_config(settings)),
         "model": models.name,
         "quantize": models.placement.quantize,
+        "nf4_kernel": models.placement.nf4_kernel,
         "dtype": str(models.placement.dtype),
         "device": str(models.device),
         "machine": report.machine(),
@@ -89,12 +101,17 @@ def main(argv: list[str] | None = None) -> int:
             results["zipf"] = bench.zipf()
         finally:
             bench.close()
+    if linears:
+        results["nf4_linears"] = linears
     results["targets"] = report.target_dicts(report.targets(results))
     results["wall_s"] = time.perf_counter() - started
     out.write_text(json.dumps(results, indent=2))
     print(report.tables(results))
+    if linears:
+        print("\n".join(["", *nf4_table(linears)]))
     print(
-        f"\n{settings.mode}: {results['model']} ({results['quantize']}, {results['dtype']}) on "
+        f"\n{settings.mode}: {results['model']} ({results['quantize']} via {results['nf4_kernel']}, "
+        f"{results['dtype']}) on "
         f"{results['machine'].get('gpu') or results['machine']['cpu']}; wrote {out} "
         f"in {results['wall_s']:.0f} s"
     )

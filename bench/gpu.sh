@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench}
+mkdir -p "$out"
 if ! python3 -c "import bitsandbytes" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/bitsandbytes-*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD/.mypy-path:$PWD:$PYTHONPATH
+export PYTHONPATH=$PWD/.mypy-path:$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 name=results-gpu$([[ " $* " == *" --tiny "* ]] && echo -tiny || true)
 python3 -m bench --mode gpu --out "$out/$name.json" "$@" | tee "$out/$name.md"
