@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -31,6 +30,7 @@ from adapterd.server.model import triton_lora
 from adapterd.server.model.batch import LoraBatch
 from adapterd.server.model.lora import bgmv_reference, lora_delta
 from adapterd.server.model.triton_lora import bgmv_triton, lora_triton, triton_available
+from tests.triton_runs import compile_for_sm90, run_interpreted
 
 pytest.importorskip("triton")
 
@@ -38,7 +38,6 @@ INTERPRETED = triton_lora.interpreted()
 # When triton was imported before TRITON_INTERPRET=1 could be set (a whole-suite run), these tests are
 # deselected (tests/conftest.py), not skipped one by one, and test_interpreter_suite_in_a_subprocess runs them.
 needs_interpreter = pytest.mark.triton_interpreter
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # (B, T, in, out, R, rank, slots): a has S = 4 slots. Decode (T = 1) and prefill (T > 1), B = 1 up, rank < R,
 # non-power-of-2 sizes, repeated slots and rows without adapter.
@@ -187,18 +186,8 @@ def test_interpreter_suite_in_a_subprocess():
     """Runs this file's interpreter tests in a fresh process with TRITON_INTERPRET=1 when this one cannot."""
     if INTERPRETED:
         pytest.skip("the interpreter tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     selection = "match_reference or loop_and_split or drop_in or strided or need_the_interpreter"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-k", selection],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " skipped" in result.stdout  # bf16 SGMV only
+    assert " skipped" in run_interpreted(__file__, "-k", selection)  # bf16 SGMV only
 
 
 def test_cpu_tensors_need_the_interpreter():
@@ -279,21 +268,7 @@ print("COMPILED", count)
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; 1 is its (and earlier ones') default
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    if result.stdout.startswith("SKIP"):
-        pytest.skip(f"this Triton's AOT compile API differs: {result.stdout.strip()}")
-    assert "COMPILED 12" in result.stdout
+    assert "COMPILED 12" in compile_for_sm90(COMPILE_SCRIPT, tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU, compiled kernels")

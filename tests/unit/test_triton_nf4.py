@@ -14,7 +14,6 @@ even (`test_interpreter_bf16_cast_truncates`), so the kernel rounds by hand, the
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,10 +31,10 @@ bnb = pytest.importorskip("bitsandbytes")
 from adapterd.server.model import triton_nf4  # noqa: E402
 from adapterd.server.model.loader import Placement, make_base_linear  # noqa: E402
 from adapterd.server.model.triton_lora import interpreted  # noqa: E402
+from tests.triton_runs import compile_for_sm90, run_interpreted  # noqa: E402
 
 INTERPRETED = interpreted()
 needs_interpreter = pytest.mark.triton_interpreter
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def quantized_linear(
@@ -242,28 +241,7 @@ def test_interpreter_suite_in_a_subprocess():
     """Runs this file's interpreter tests in a fresh process with TRITON_INTERPRET=1 when this one cannot."""
     if INTERPRETED:
         pytest.skip("the interpreter tests run in this process")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            __file__,
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "triton_interpreter",
-        ],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    run_interpreted(__file__, "-m", "triton_interpreter")
 
 
 # Compiles the kernel for an H100/H200 (sm_90) without a GPU, in a fresh process (an interpreting one cannot
@@ -300,21 +278,7 @@ print("COMPILED", count)
 
 
 def test_kernel_compiles_for_sm90(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    if result.stdout.startswith("SKIP"):
-        pytest.skip(f"this Triton's AOT compile API differs: {result.stdout.strip()}")
-    assert "COMPILED 3" in result.stdout
+    assert "COMPILED 3" in compile_for_sm90(COMPILE_SCRIPT, tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA GPU, compiled kernels")
