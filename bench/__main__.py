@@ -13,13 +13,12 @@ from typing import Any
 
 import torch
 
+from adapterd.server.common.config import NF4_KERNELS
 from adapterd.server.model.loader import Placement
 
 from . import report
 from .checks import run_checks
 from .models import Models, build_random, load_default
-from .nf4_kernel import nf4_linears
-from .nf4_kernel import table as nf4_table
 from .run import Bench, engine_config
 from .settings import CPU, GPU, GPU_TINY, Settings, llama31_8b_config, tiny_config
 
@@ -35,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--nf4-kernel",
-        choices=("bitsandbytes", "triton"),
+        choices=NF4_KERNELS,
         default="bitsandbytes",
         help="the base's NF4 products (gpu mode): bitsandbytes' or the fused Triton kernel (ADAPTERD_NF4_KERNEL)",
     )
@@ -69,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(__file__).parent / f"results-{settings.mode}.json"
     started = time.perf_counter()
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    linears = nf4_linears() if settings.mode == "gpu" and torch.cuda.is_available() else None
-    if linears:
-        log("\n".join(["one NF4 linear, three ways:", *nf4_table(linears)]))
     log(f"bench {settings.mode}: loading the model")
     models = load_models(settings, args.nf4_kernel)
     results: dict[str, Any] = {
@@ -101,14 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             results["zipf"] = bench.zipf()
         finally:
             bench.close()
-    if linears:
-        results["nf4_linears"] = linears
     results["targets"] = report.target_dicts(report.targets(results))
     results["wall_s"] = time.perf_counter() - started
     out.write_text(json.dumps(results, indent=2))
     print(report.tables(results))
-    if linears:
-        print("\n".join(["", *nf4_table(linears)]))
     print(
         f"\n{settings.mode}: {results['model']} ({results['quantize']} via {results['nf4_kernel']}, "
         f"{results['dtype']}) on "
