@@ -51,12 +51,11 @@ class Placement:
 
 
 def _check_fused_nf4(device: str) -> None:
-    from adapterd.server.model import triton_nf4
-    from adapterd.server.model.triton_lora import triton_available
+    from adapterd.server.model.triton_lora import interpreted, triton_available
 
     if not triton_available():
         raise ValueError("ADAPTERD_NF4_KERNEL=triton needs Triton installed (pip install triton)")
-    if device != "cuda" and not triton_nf4.interpreted():
+    if device != "cuda" and not interpreted():
         raise ValueError(
             "ADAPTERD_NF4_KERNEL=triton needs a CUDA device (or Triton's interpreter, for tests)"
         )

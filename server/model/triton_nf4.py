@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from adapterd.server.model.triton_lora import _cdiv, _pow2
+from adapterd.server.model.triton_lora import _cdiv, _pow2, interpreted  # one answer for the process
 
 tl: Any = None  # bound by `_kernel()`, read by the kernel body when Triton compiles or interprets it
 
@@ -124,11 +124,6 @@ def _kernel() -> Any:
 
     tl = triton.language
     return triton.jit(_nf4_matmul)
-
-
-def interpreted() -> bool:
-    """True when the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 before triton's first import)."""
-    return type(_kernel()).__name__ == "InterpretedFunction" and type(tl.zeros).__name__ != "JITFunction"
 
 
 def fused_supported(weight: Any) -> bool:
