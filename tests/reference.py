@@ -54,12 +54,12 @@ def greedy_generate(
 def greedy_forward(
     model: Any, input_ids: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None
 ) -> list[int]:
-    """Greedy decoding by one full forward pass per token, without a KV cache."""
+    """Greedy decoding by one full forward pass per token, without a KV cache, on the model's device."""
     ids = list(input_ids)
     new_tokens: list[int] = []
     with torch.no_grad():
         while len(new_tokens) < max_new_tokens:
-            t = torch.tensor([ids])
+            t = torch.tensor([ids], device=model.device)
             logits = model(input_ids=t, attention_mask=torch.ones_like(t), use_cache=False).logits
             token = int(logits[0, -1].argmax())
             new_tokens.append(token)

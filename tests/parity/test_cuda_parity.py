@@ -17,11 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from adapterd.server.common.config import EngineConfig
 from adapterd.server.llm import LLM
-from tests.parity.test_quantized_parity import engine_logits, first_divergence, free_greedy, margin
+from tests.parity.test_quantized_parity import (
+    bnb_config,
+    engine_logits,
+    first_divergence,
+    free_greedy,
+    margin,
+)
 from tests.reference import greedy_forward, make_lora_adapter, make_prompt_adapter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,17 +39,6 @@ FLOOR = 0.05
 NOISE_INT8 = 0.5
 MATCHED_SHARE = 0.5  # of PEFT's greedy tokens that free decoding must reproduce before a near-tie
 BASES = [("none", "bitsandbytes"), ("nf4", "bitsandbytes"), ("nf4", "triton"), ("int8", "bitsandbytes")]
-
-
-def bnb_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    if quantize == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True) if quantize == "int8" else None
 
 
 def peft_on_cuda(base: Path, adapter: Path | None, quantize: str, dtype: torch.dtype):
@@ -97,7 +92,7 @@ def test_cuda_bases_follow_peft(served, tiny_llama: Path, adapters: dict[str, Pa
         truth_model = None if quantize == "int8" else peft_on_cuda(tiny_llama, path, quantize, torch.float32)
         loaded = llm.adapters.resolve(adapter)
         for prompt in PROMPTS:
-            expected = greedy_forward_cuda(theirs_model, prompt)
+            expected = greedy_forward(theirs_model, prompt, NEW_TOKENS)
             theirs = peft_logits(theirs_model, prompt, expected)
             ours = engine_logits(llm.engine, loaded, prompt, expected).float().cpu()
             label = f"{quantize} {llm.placement.nf4_kernel} {adapter} {prompt}"
@@ -119,19 +114,3 @@ def test_cuda_bases_follow_peft(served, tiny_llama: Path, adapters: dict[str, Pa
         torch.cuda.empty_cache()
     # bf16 on both sides splits near-ties more often than the CPU's fp32 does (its test asks for 0.75).
     assert sum(matched) >= MATCHED_SHARE * NEW_TOKENS * len(matched), matched
-
-
-def greedy_forward_cuda(model, prompt: list[int]) -> list[int]:
-    """PEFT's greedy tokens by full forward passes (`greedy_forward`, on the GPU)."""
-    return greedy_forward(_OnCuda(model), prompt, NEW_TOKENS)
-
-
-class _OnCuda:
-    """`model` called with its input ids moved to the GPU (greedy_forward builds them on the CPU)."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def __call__(self, input_ids: torch.Tensor, **kwargs):
-        kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return self.model(input_ids=input_ids.cuda(), **kwargs)

@@ -27,15 +27,21 @@ from tests.reference import greedy_forward, load_base, load_peft, make_lora_adap
 PROMPTS = [[5, 6, 7, 8, 9, 11], [9, 8, 7, 6, 5, 4, 3, 2], [100, 50, 25, 12]]
 NEW_TOKENS = 24
 NOISE = 0.1  # logit noise of bitsandbytes' CPU kernels; a wrongly applied adapter moves logits by > 1
-BNB = {
-    "nf4": BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    ),
-    "int8": BitsAndBytesConfig(load_in_8bit=True),
-}
+
+
+def bnb_config(quantize: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """transformers' config for adapterd's --quantize (None for none): NF4 with double quantization, int8."""
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True) if quantize == "int8" else None
+
+
+BNB = {quantize: bnb_config(quantize, torch.float32) for quantize in ("nf4", "int8")}
 
 
 @pytest.fixture(scope="module")
